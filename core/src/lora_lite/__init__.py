@@ -1,0 +1,49 @@
+"""lora-lite: LoRA-family adapters on forward hooks, variants as plugins.
+
+    import torch, lora_lite as ll
+    cfg = ll.LoraLiteConfig(variant="lora", r=8, alpha=16, dtype=torch.bfloat16)
+    handles = ll.attach(model, cfg)
+    ll.save(model, "adapter.safetensors"); ll.detach(model); ll.load(model, "adapter.safetensors")
+"""
+
+from importlib.metadata import PackageNotFoundError, version as _version
+
+from .checkpoint import load, read_checkpoint, save
+from .config import ROLES, LoraLiteConfig
+from .errors import (
+    AlreadyAttachedError,
+    AttachError,
+    CalibrationError,
+    CheckpointError,
+    CheckpointFormatError,
+    CheckpointMismatchError,
+    ConfigError,
+    ForwardError,
+    LoraLiteError,
+    NotAttachedError,
+    PluginError,
+    TargetingError,
+    UnknownVariantError,
+    WeightAccessError,
+)
+from .hookspecs import hookimpl, hookspec
+from .params import ParamSpec
+from .plugins import broken_plugins, get_variant, list_variants, register, reload_plugins, unregister
+from .runtime import Attachment, attach, attachments, detach
+from .targeting import Target, find_targets
+from .weights import LayerKind, dense_weight, is_quantized, register_layer_kind, replace_dense_weight
+
+try:
+    __version__ = _version("lora-lite-core")
+except PackageNotFoundError:  # running from a source tree without an install
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "AlreadyAttachedError", "AttachError", "Attachment", "CalibrationError", "CheckpointError",
+    "CheckpointFormatError", "CheckpointMismatchError", "ConfigError", "ForwardError", "LayerKind",
+    "LoraLiteConfig", "LoraLiteError", "NotAttachedError", "ParamSpec", "PluginError", "ROLES", "Target",
+    "TargetingError", "UnknownVariantError", "WeightAccessError", "attach", "attachments", "broken_plugins",
+    "dense_weight", "detach", "find_targets", "get_variant", "hookimpl", "hookspec", "is_quantized",
+    "list_variants", "load", "read_checkpoint", "register", "register_layer_kind", "reload_plugins",
+    "replace_dense_weight", "save", "unregister", "__version__",
+]

@@ -1,0 +1,115 @@
+"""The variant contract: every hook a variant plugin may implement.
+
+A variant is a class (or module) carrying a ``name`` string, optionally a
+``config_class`` (a dataclass subclass of :class:`lora_lite.LoraLiteConfig` that adds
+the variant's typed knobs), and functions decorated with ``@lora_lite.hookimpl`` whose
+names and argument names match the specs below. A plugin may implement a subset of a
+spec's arguments (pluggy passes only the ones it asks for) but no argument the spec
+does not name: that is rejected at registration with ``PluginValidationError``.
+
+pluggy does discovery, registration and signature validation. It does NOT dispatch on
+the forward path: at ``attach`` the runtime looks up the configured variant's own
+implementations once and calls them directly, so each hook below is called for exactly
+one plugin, the configured one, never fanned out across all installed variants.
+
+Required: ``param_specs`` and at least one of ``forward`` / ``forward_input``.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+PROJECT_NAME = "lora_lite"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def param_specs(d_in, d_out, cfg):
+    """Declare the adapter tensors one target layer gets.
+
+    Called at ``attach`` for every target, before the model is touched, so anything it
+    raises (e.g. a :class:`lora_lite.ConfigError` for a rank too large for the layer)
+    aborts the attach with nothing changed.
+
+    :param int d_in: the layer's input features.
+    :param int d_out: the layer's output features.
+    :param cfg: the variant's config (an instance of its ``config_class``).
+    :returns: ``{name: ParamSpec}``. Every name must start with ``lora_``; the runtime
+        creates each tensor on the layer's device as ``layer.<name>`` (an
+        ``nn.Parameter``, trainable or not as the spec says) and fills it by
+        ``spec.init``. ``state_dict()`` then holds them under full-path keys.
+    """
+
+
+@hookspec
+def init(layer, cfg):
+    """Initialise one target's adapter tensors from its weight (no data).
+
+    Called at ``attach`` (and so again at ``load``, before the saved tensors are
+    copied in) after the ``param_specs`` tensors exist on ``layer``. Read the weight with
+    :func:`lora_lite.dense_weight`, never ``layer.weight.data``: quantized layers then
+    give real numbers or a clear error. A variant that changes the base weight must do
+    so through :func:`lora_lite.replace_dense_weight`, which records the original so
+    that ``detach`` restores it exactly. Derived constants (scalings) may be stored as
+    plain attributes named ``lora_*``; the runtime removes them on detach.
+
+    Optional. If it raises, the whole attach is rolled back.
+
+    :param layer: the target ``nn.Module``; ``layer.lora_cfg`` is ``cfg``.
+    :param cfg: the variant's config.
+    :returns: ignored.
+    """
+
+
+@hookspec
+def group_init(model, targets, cfg, calibration_data):
+    """Data-calibrated initialisation over all targets at once.
+
+    Called once at ``attach`` after every ``init``, and only when the user passed
+    ``calibration_data``; never at ``load`` (everything calibration chose must live in
+    persistent ``lora_*`` tensors so that a checkpoint reloads without data). Run the
+    model on the data with temporary hooks, remove them, then write the tensors. Raise
+    :class:`lora_lite.CalibrationError` for missing, empty or non-finite data. A variant
+    that cannot work without data says so from ``init`` or ``param_specs``.
+
+    Optional. If it raises, the whole attach is rolled back.
+
+    :param model: the whole model (adapter hooks are not yet registered).
+    :param targets: ``list[Target]`` with ``.name``, ``.layer``, ``.roles``, ``.d_in``,
+        ``.d_out``.
+    :param cfg: the variant's config.
+    :param calibration_data: an iterable of whole-model inputs (a dict of tensors for
+        HF models, or a tensor), exactly what the user passed.
+    :returns: ignored.
+    """
+
+
+@hookspec
+def forward(layer, x, y):
+    """Post-hook: compute the layer's new output from its input and base output.
+
+    Called on every forward of every target, directly (no plugin dispatch). This is the
+    hot path: plain matmuls, no Python loops over ranks, and cast the small adapter
+    tensors to ``x.dtype`` rather than casting the activations.
+
+    :param layer: the target module (its ``lora_*`` tensors are attributes).
+    :param x: the layer's first positional input, shape ``(..., d_in)``.
+    :param y: the base layer's output, shape ``(..., d_out)``.
+    :returns: the new output, same shape and dtype as ``y`` (additive variants return
+        ``y + delta``).
+    """
+
+
+@hookspec
+def forward_input(layer, x):
+    """Pre-hook: transform the layer's input before the base layer sees it.
+
+    For variants that act on the input side (HRA, OFT, IA3 on feed-forward). Same hot
+    path rules as ``forward``. A variant may implement both hooks.
+
+    :param layer: the target module.
+    :param x: the layer's first positional input, shape ``(..., d_in)``.
+    :returns: the new input, same shape and dtype as ``x``.
+    """

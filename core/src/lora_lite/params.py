@@ -1,0 +1,68 @@
+"""ParamSpec: how a variant declares one adapter tensor."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Union
+
+import torch
+from torch import nn
+
+from .errors import PluginError
+
+Init = Union[str, float, int, Callable[[torch.Tensor], None]]
+
+_NAMED_INITS = ("zeros", "ones", "kaiming", "normal", "empty")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One adapter tensor.
+
+    :param shape: tensor shape.
+    :param init: ``"zeros"``, ``"ones"``, ``"kaiming"`` (``kaiming_uniform_(a=sqrt(5))``,
+        as ``nn.Linear`` and PEFT initialise ``lora_A``), ``"normal"`` (std 1), a number
+        (constant fill), or a callable filling the tensor in place. ``init`` hooks may
+        overwrite it afterwards.
+    :param trainable: whether the optimizer should see it (``requires_grad``).
+    :param keep_fp32: store in float32 whatever ``cfg.dtype`` says. Use it for gates and
+        scales that start near 1.0, where bf16's spacing (2^-7) would swallow small
+        optimizer updates and freeze the tensor.
+    :param persistent: saved in checkpoints. ``False`` only for tensors the variant
+        regenerates identically at attach (e.g. from a seed in its config).
+    """
+
+    shape: tuple[int, ...]
+    init: Init = "zeros"
+    trainable: bool = True
+    keep_fp32: bool = False
+    persistent: bool = True
+
+    def __post_init__(self) -> None:
+        shape = tuple(self.shape)
+        if not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise PluginError(f"ParamSpec shape must be non-negative ints, got {self.shape!r}.")
+        object.__setattr__(self, "shape", shape)
+        if isinstance(self.init, str) and self.init not in _NAMED_INITS:
+            raise PluginError(f"ParamSpec init {self.init!r} unknown; use one of {_NAMED_INITS}, a number or a callable.")
+
+    def materialize(self, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+        data = torch.empty(self.shape, dtype=torch.float32 if self.keep_fp32 else dtype, device=device)
+        with torch.no_grad():
+            init = self.init
+            if init == "zeros":
+                data.zero_()
+            elif init == "ones":
+                data.fill_(1.0)
+            elif init == "kaiming":
+                nn.init.kaiming_uniform_(data, a=math.sqrt(5))
+            elif init == "normal":
+                data.normal_()
+            elif init == "empty":
+                pass
+            elif isinstance(init, (int, float)):
+                data.fill_(float(init))
+            else:
+                init(data)
+        return nn.Parameter(data, requires_grad=self.trainable)

@@ -1,0 +1,285 @@
+"""attach / detach: adapter tensors, hooks, freezing, rollback and exact restore.
+
+Several attachments may live on one model as long as their targets are disjoint (IA3
+on attention plus IA3-FF on the MLP, say). The model keeps its bookkeeping in
+``model.__dict__["_lora_lite"]``: the live attachments and every base parameter's
+``requires_grad`` from before the first attach, restored when the last one detaches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .config import LoraLiteConfig
+from .errors import (
+    AlreadyAttachedError,
+    AttachError,
+    ConfigError,
+    ForwardError,
+    LoraLiteError,
+    NotAttachedError,
+    PluginError,
+)
+from .params import ParamSpec
+from .plugins import VariantInfo, get_variant
+from .targeting import Target, find_targets
+from .weights import dense_weight, restore_dense_weight
+
+_STATE_ATTR = "_lora_lite"
+_OWNED_PREFIXES = ("lora_", "_lora_lite")
+
+
+@dataclass
+class Attachment:
+    """One ``attach`` call: the handle it returns. ``detach()`` removes just this one."""
+
+    model: nn.Module
+    cfg: LoraLiteConfig
+    variant: VariantInfo
+    targets: list[Target]
+    specs: dict[str, dict[str, ParamSpec]]
+    fingerprint: dict[str, list[float]]
+    hook_handles: list[Any] = field(default_factory=list)
+    live: bool = True
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __iter__(self):
+        return iter(self.targets)
+
+    @property
+    def target_names(self) -> list[str]:
+        return [t.name for t in self.targets]
+
+    def adapter_tensors(self, persistent_only: bool = False) -> dict[str, torch.Tensor]:
+        """``{full.path.lora_x: tensor}`` for this attachment."""
+        out = {}
+        for t in self.targets:
+            for pname, spec in self.specs[t.name].items():
+                if spec.persistent or not persistent_only:
+                    out[f"{t.name}.{pname}"] = getattr(t.layer, pname)
+        return out
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.adapter_tensors().values() if p.requires_grad]
+
+    def detach(self) -> None:
+        """Remove this attachment's hooks and tensors, undo weight changes."""
+        if not self.live:
+            raise NotAttachedError("this attachment was already detached.")
+        state = _state(self.model)
+        _undo(self)
+        state.attachments.remove(self)
+        if not state.attachments:
+            _restore_requires_grad(self.model, state.requires_grad)
+            del self.model.__dict__[_STATE_ATTR]
+
+    def __repr__(self) -> str:
+        return f"Attachment(variant={self.cfg.variant!r}, targets={len(self.targets)}, live={self.live})"
+
+
+@dataclass
+class _ModelState:
+    attachments: list[Attachment]
+    requires_grad: dict[str, bool]
+
+
+def _state(model: nn.Module) -> _ModelState:
+    state = model.__dict__.get(_STATE_ATTR)
+    if state is None:
+        raise NotAttachedError(
+            f"{type(model).__name__} carries no lora-lite adapter; call lora_lite.attach(model, cfg) "
+            "(or lora_lite.load(model, path)) first."
+        )
+    return state
+
+
+def attachments(model: nn.Module) -> list[Attachment]:
+    """The live attachments on ``model`` (empty list if none)."""
+    state = model.__dict__.get(_STATE_ATTR)
+    return list(state.attachments) if state else []
+
+
+def _weight_fingerprint(layer: nn.Module) -> list[float]:
+    """Cheap identity of a base weight: float64 sum and sum of squares of the dense weight."""
+    try:
+        w = dense_weight(layer)
+    except LoraLiteError:
+        w = layer.weight
+    with torch.no_grad():
+        w64 = w.detach().to(torch.float64)
+        return [float(w64.sum()), float((w64 * w64).sum())]
+
+
+def _make_post_hook(fwd):
+    def hook(module, args, output):
+        if not args:
+            raise ForwardError(
+                f"{type(module).__name__} was called without a positional input; lora-lite adapters read "
+                "the layer's first positional argument. Call the layer as layer(x)."
+            )
+        return fwd(module, args[0], output)
+
+    return hook
+
+
+def _make_pre_hook(fwd_in):
+    def hook(module, args):
+        if not args:
+            raise ForwardError(
+                f"{type(module).__name__} was called without a positional input; lora-lite adapters read "
+                "the layer's first positional argument. Call the layer as layer(x)."
+            )
+        return (fwd_in(module, args[0]), *args[1:])
+
+    return hook
+
+
+def _collect_specs(variant: VariantInfo, targets: list[Target], cfg: LoraLiteConfig) -> dict[str, dict[str, ParamSpec]]:
+    param_specs = variant.hook("param_specs")
+    specs = {}
+    for t in targets:
+        got = param_specs(t.d_in, t.d_out, cfg)
+        if not isinstance(got, dict) or not all(isinstance(s, ParamSpec) for s in got.values()):
+            raise PluginError(f"variant {variant.name!r}: param_specs must return dict[str, ParamSpec], got {got!r}.")
+        for pname in got:
+            if not pname.startswith("lora_") or not pname.isidentifier():
+                raise PluginError(f"variant {variant.name!r}: adapter tensor name {pname!r} must start with 'lora_'.")
+            if hasattr(t.layer, pname):
+                raise AlreadyAttachedError(f"{t.name} already has an attribute {pname!r}; detach the previous adapter first.")
+        specs[t.name] = got
+    return specs
+
+
+def attach(
+    model: nn.Module,
+    cfg: LoraLiteConfig,
+    calibration_data: Iterable[Any] | None = None,
+    *,
+    _loading: bool = False,
+) -> Attachment:
+    """Attach ``cfg``'s variant to the targets ``cfg`` selects; return the :class:`Attachment`.
+
+    Everything that can be checked is checked before the model is touched; if creating
+    tensors, ``init`` or ``group_init`` fails midway the model is rolled back exactly.
+    Afterwards only ``lora_*`` tensors require grad.
+    """
+    if not isinstance(cfg, LoraLiteConfig):
+        raise ConfigError(f"attach expects a lora_lite.LoraLiteConfig, got {type(cfg).__name__}.")
+    if not isinstance(model, nn.Module):
+        raise AttachError(f"attach expects a torch.nn.Module, got {type(model).__name__}.")
+    variant = get_variant(cfg.variant)
+    if not isinstance(cfg, variant.config_class):
+        raise ConfigError(
+            f"config is a {type(cfg).__name__} but variant {cfg.variant!r} expects {variant.config_class.__name__}; "
+            f"build it with lora_lite.LoraLiteConfig(variant={cfg.variant!r}, ...)."
+        )
+    targets = find_targets(model, cfg)
+    existing = model.__dict__.get(_STATE_ATTR)
+    taken = {id(t.layer): t.name for a in (existing.attachments if existing else []) for t in a.targets}
+    clash = [t.name for t in targets if id(t.layer) in taken]
+    if clash:
+        raise AlreadyAttachedError(
+            f"{len(clash)} target(s) already carry an adapter (first: {clash[0]}). Call lora_lite.detach(model) "
+            "first, or narrow target_names/target_roles/layers so the attachments are disjoint."
+        )
+    meta = [t.name for t in targets if t.layer.weight.device.type == "meta"]
+    if meta:
+        raise AttachError(
+            f"{meta[0]} (and {len(meta) - 1} more) live on the meta device; materialise the model "
+            "(e.g. model.to_empty(device=...) and load its weights) before attaching."
+        )
+    if calibration_data is not None and variant.hook("group_init") is None:
+        raise ConfigError(
+            f"variant {variant.name!r} takes no calibration data (it has no group_init hook); "
+            "drop calibration_data, or pick a data-calibrated variant."
+        )
+    specs = _collect_specs(variant, targets, cfg)
+    fingerprint = {t.name: _weight_fingerprint(t.layer) for t in targets}
+
+    att = Attachment(model, cfg, variant, targets, specs, fingerprint)
+    first = existing is None
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()} if first else existing.requires_grad
+    init = variant.hook("init")
+    group_init = variant.hook("group_init")
+    stage = "creating adapter tensors"
+    try:
+        for t in targets:
+            device = t.layer.weight.device
+            for pname, spec in specs[t.name].items():
+                t.layer.register_parameter(pname, spec.materialize(cfg.dtype, device))
+            t.layer.lora_cfg = cfg
+            if init is not None:
+                stage = f"init of {t.name}"
+                init(t.layer, cfg)
+        if group_init is not None and not _loading:
+            stage = "group_init"
+            group_init(model, targets, cfg, calibration_data)
+        stage = "registering hooks"
+        fwd, fwd_in = variant.hook("forward"), variant.hook("forward_input")
+        for t in targets:
+            if fwd_in is not None:
+                att.hook_handles.append(t.layer.register_forward_pre_hook(_make_pre_hook(fwd_in)))
+            if fwd is not None:
+                att.hook_handles.append(t.layer.register_forward_hook(_make_post_hook(fwd)))
+    except BaseException as err:
+        _undo(att)
+        if first:
+            _restore_requires_grad(model, requires_grad)
+        if isinstance(err, LoraLiteError):
+            raise
+        if not isinstance(err, Exception):
+            raise
+        raise AttachError(
+            f"attaching variant {variant.name!r} failed during {stage}: {type(err).__name__}: {err}. "
+            "The model was rolled back unchanged."
+        ) from err
+
+    if first:
+        model.__dict__[_STATE_ATTR] = _ModelState([att], requires_grad)
+    else:
+        existing.attachments.append(att)
+    _freeze_base(model)
+    return att
+
+
+def _freeze_base(model: nn.Module) -> None:
+    adapter = {id(p) for a in _state(model).attachments for p in a.adapter_tensors().values()}
+    for p in model.parameters():
+        if id(p) not in adapter:
+            p.requires_grad_(False)
+
+
+def _restore_requires_grad(model: nn.Module, flags: dict[str, bool]) -> None:
+    for name, p in model.named_parameters():
+        if name in flags:
+            p.requires_grad_(flags[name])
+
+
+def _undo(att: Attachment) -> None:
+    for handle in att.hook_handles:
+        handle.remove()
+    att.hook_handles.clear()
+    for t in att.targets:
+        layer = t.layer
+        restore_dense_weight(layer)
+        for pname in [n for n in layer._parameters if n.startswith(_OWNED_PREFIXES)]:
+            del layer._parameters[pname]
+        for bname in [n for n in layer._buffers if n.startswith(_OWNED_PREFIXES)]:
+            del layer._buffers[bname]
+            layer._non_persistent_buffers_set.discard(bname)
+        for attr in [n for n in layer.__dict__ if n.startswith(_OWNED_PREFIXES)]:
+            del layer.__dict__[attr]
+    att.live = False
+
+
+def detach(model: nn.Module) -> None:
+    """Remove every adapter from ``model``: hooks, tensors, weight changes, requires_grad changes."""
+    state = _state(model)
+    for att in reversed(list(state.attachments)):
+        att.detach()

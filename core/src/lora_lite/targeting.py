@@ -1,0 +1,121 @@
+"""Which layers get an adapter: structural detection, roles, name and layer filters.
+
+A layer is *linear-like* if a registered layer kind knows it, or it has integer
+``in_features``/``out_features`` and a ``weight``. Its roles come from its shape against
+the model width ``d_model``: a *reader* takes ``d_model`` in, a *writer* gives ``d_model``
+out (a square ``d_model`` layer is both), an *inner* layer does neither. Roles never
+depend on names, so unfamiliar architectures (BERT ``query``, T5 ``q``, GPT-NeoX
+``query_key_value``) classify without special cases, and names are there to filter.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from torch import nn
+
+from .config import LoraLiteConfig
+from .errors import TargetingError
+from .weights import features, is_linear_like
+
+_BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layers|h|layer|block|blocks)\.(\d+)(?:\.|$)")
+
+
+@dataclass
+class Target:
+    """One layer that gets an adapter."""
+
+    name: str
+    layer: nn.Module
+    roles: frozenset[str]
+    d_in: int
+    d_out: int
+    block: int | None
+
+
+def block_index(name: str) -> int | None:
+    """Transformer block index parsed from a module path (``model.layers.3.mlp`` -> 3)."""
+    match = _BLOCK_INDEX.search(name)
+    return int(match.group(1)) if match else None
+
+
+def infer_d_model(model: nn.Module, linears: list[tuple[str, nn.Module]]) -> int:
+    """Model width: ``config.hidden_size`` / ``d_model`` / ``n_embd`` if present, else the
+    input-embedding width, else the most common linear-layer dimension."""
+    config = getattr(model, "config", None)
+    for attr in ("hidden_size", "d_model", "n_embd"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int):
+            return value
+    get_emb = getattr(model, "get_input_embeddings", None)
+    if callable(get_emb):
+        try:
+            emb = get_emb()
+        except NotImplementedError:
+            emb = None
+        dim = getattr(emb, "embedding_dim", None)
+        if isinstance(dim, int):
+            return dim
+    counts: Counter[int] = Counter()
+    for _, layer in linears:
+        d_in, d_out = features(layer)
+        counts[d_in] += 1
+        counts[d_out] += 1
+    if not counts:
+        raise TargetingError(f"{type(model).__name__} contains no linear-like modules to adapt.")
+    return counts.most_common(1)[0][0]
+
+
+def roles_of(d_in: int, d_out: int, d_model: int) -> frozenset[str]:
+    roles = set()
+    if d_in == d_model:
+        roles.add("reader")
+    if d_out == d_model:
+        roles.add("writer")
+    return frozenset(roles or {"inner"})
+
+
+def linear_like_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in model.named_modules() if name and is_linear_like(m)]
+
+
+def find_targets(model: nn.Module, cfg: LoraLiteConfig) -> list[Target]:
+    """Apply ``cfg``'s roles and filters; raise :class:`TargetingError` if nothing matches."""
+    linears = linear_like_modules(model)
+    d_model = infer_d_model(model, linears)
+    wanted_roles = set(cfg.target_roles) or {"reader", "writer", "inner"}
+    targets = []
+    for name, layer in linears:
+        d_in, d_out = features(layer)
+        roles = roles_of(d_in, d_out, d_model)
+        block = block_index(name)
+        if any(re.search(p, name) for p in cfg.exclude_names):
+            continue
+        if cfg.target_names and not any(re.search(p, name) for p in cfg.target_names):
+            continue
+        if not roles & wanted_roles:
+            continue
+        if cfg.layers is not None and block not in cfg.layers:
+            continue
+        targets.append(Target(name, layer, roles, d_in, d_out, block))
+    if not targets:
+        raise TargetingError(_no_match_message(cfg, linears, d_model))
+    return targets
+
+
+def _no_match_message(cfg: LoraLiteConfig, linears: list[tuple[str, nn.Module]], d_model: int) -> str:
+    if not linears:
+        return "the model has no linear-like modules (in_features, out_features, weight) to adapt."
+    shown = []
+    for name, layer in linears[:40]:
+        d_in, d_out = features(layer)
+        shown.append(f"  {name}: {type(layer).__name__}({d_in} -> {d_out}) roles={sorted(roles_of(d_in, d_out, d_model))}")
+    more = f"\n  ... and {len(linears) - 40} more" if len(linears) > 40 else ""
+    return (
+        f"no layer matched target_roles={cfg.target_roles} target_names={cfg.target_names} "
+        f"exclude_names={cfg.exclude_names} layers={cfg.layers} (d_model={d_model}). "
+        "Linear-like modules in this model:\n" + "\n".join(shown) + more +
+        "\nAdjust target_names (regex on these paths), target_roles or layers."
+    )

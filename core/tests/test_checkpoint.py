@@ -1,0 +1,164 @@
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import lora_lite as ll
+from lora_lite.testing import ToyTransformer
+
+
+@pytest.fixture
+def trained(model, x, tmp_path):
+    ll.attach(model, ll.LoraLiteConfig(variant="t_lora", r=2))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    out = model(x).detach()
+    path = ll.save(model, tmp_path / "adapter.safetensors")
+    return path, out
+
+
+def fresh():
+    torch.manual_seed(0)
+    return ToyTransformer()
+
+
+def test_metadata(trained):
+    path, _ = trained
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+    assert meta["format"] == "lora-lite" and meta["format_version"] == "1" and meta["core_version"]
+    (rec,) = json.loads(meta["adapters"])
+    assert rec["variant"] == "t_lora" and rec["config"]["r"] == 2 and rec["plugin_distribution"] is None
+    assert rec["targets"][0] == "layers.0.q_proj" and len(rec["base_fingerprint"]) == len(rec["targets"])
+
+
+def test_round_trip_and_any_extension(trained, x, tmp_path):
+    path, out = trained
+    other = tmp_path / "adapter.pt"
+    other.write_bytes(path.read_bytes())
+    model = fresh()
+    ll.load(model, other)
+    assert torch.equal(model(x), out)
+
+
+def check_refused(path, error, match, x):
+    model = fresh()
+    before = model(x).detach()
+    with pytest.raises(error, match=match):
+        ll.load(model, path)
+    assert ll.attachments(model) == [] and torch.equal(model(x), before)
+
+
+def test_pickle_is_refused(tmp_path, x):
+    p = tmp_path / "adapter.pt"
+    torch.save({"lora_A": torch.zeros(1)}, p)
+    check_refused(p, ll.CheckpointFormatError, "never unpickles", x)
+    p2 = tmp_path / "raw.pkl"
+    p2.write_bytes(pickle.dumps({"a": 1}))
+    check_refused(p2, ll.CheckpointFormatError, "pickle", x)
+
+
+def test_empty_truncated_corrupt_missing(trained, tmp_path, x):
+    path, _ = trained
+    data = path.read_bytes()
+    (tmp_path / "empty").write_bytes(b"")
+    (tmp_path / "trunc").write_bytes(data[: len(data) // 2])
+    (tmp_path / "garbage").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    check_refused(tmp_path / "empty", ll.CheckpointFormatError, "empty", x)
+    check_refused(tmp_path / "trunc", ll.CheckpointFormatError, "truncated or corrupt", x)
+    check_refused(tmp_path / "garbage", ll.CheckpointFormatError, "truncated or corrupt", x)
+    check_refused(tmp_path / "nope", ll.CheckpointFormatError, "does not exist", x)
+
+
+def rewrite(path, out, meta_fn=None, tensor_fn=None):
+    with safe_open(str(path), framework="pt") as fh:
+        meta, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
+    save_file(tensor_fn(tensors) if tensor_fn else tensors, str(out), metadata=meta_fn(meta) if meta_fn else meta)
+    return out
+
+
+def test_foreign_safetensors_and_newer_format(trained, tmp_path, x):
+    path, _ = trained
+    check_refused(rewrite(path, tmp_path / "f", meta_fn=lambda m: {}), ll.CheckpointFormatError, "not a lora-lite", x)
+    newer = rewrite(path, tmp_path / "n", meta_fn=lambda m: {**m, "format_version": "2"})
+    check_refused(newer, ll.CheckpointFormatError, "format version '2'", x)
+
+
+def test_unknown_variant_in_file(trained, tmp_path, x):
+    path, _ = trained
+
+    def meta_fn(m):
+        recs = json.loads(m["adapters"])
+        recs[0]["config"]["variant"] = "nosuch"
+        return {**m, "adapters": json.dumps(recs)}
+
+    check_refused(rewrite(path, tmp_path / "u", meta_fn=meta_fn), ll.UnknownVariantError, "lora-lite-nosuch", x)
+
+
+def test_shape_and_dtype_mismatch(trained, tmp_path, x):
+    path, _ = trained
+    key = "layers.0.q_proj.lora_A"
+    bad_shape = rewrite(path, tmp_path / "s", tensor_fn=lambda t: {**t, key: torch.zeros(3, 32)})
+    check_refused(bad_shape, ll.CheckpointMismatchError, "shape", x)
+    bad_dtype = rewrite(path, tmp_path / "d", tensor_fn=lambda t: {**t, key: t[key].half()})
+    check_refused(bad_dtype, ll.CheckpointMismatchError, "float16", x)
+
+
+def test_different_base_weights(trained, x):
+    path, _ = trained
+    model = fresh()
+    with torch.no_grad():
+        model.layers[1].up_proj.weight.mul_(1.01)
+    before = model(x).detach()
+    with pytest.raises(ll.CheckpointMismatchError, match="base weights.*layers.1.up_proj"):
+        ll.load(model, path)
+    assert torch.equal(model(x), before)
+
+
+def test_different_architecture(trained, x):
+    path, _ = trained
+    torch.manual_seed(0)
+    model = ToyTransformer(n_layers=3)
+    with pytest.raises(ll.CheckpointMismatchError, match="target\(s\)"):
+        ll.load(model, path)
+    assert ll.attachments(model) == []
+
+
+def test_interrupted_save_keeps_previous_file(trained, monkeypatch, model):
+    path, _ = trained
+    before = path.read_bytes()
+    import lora_lite.checkpoint as ckpt
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as fh:
+            fh.write(b"partial")
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(ckpt, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ll.save(model, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_multi_attachment_round_trip(x, tmp_path):
+    model = fresh()
+    ll.attach(model, ll.LoraLiteConfig(variant="t_lora", r=2, target_names=(r"q_proj$",)))
+    ll.attach(model, ll.LoraLiteConfig(variant="t_scale", target_names=(r"down_proj$",)))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    out = model(x).detach()
+    path = ll.save(model, tmp_path / "two.safetensors")
+    ll.detach(model)
+    atts = ll.load(model, path)
+    assert [a.cfg.variant for a in atts] == ["t_lora", "t_scale"]
+    assert torch.equal(model(x), out)
+    ll.detach(model)
+    assert ll.attachments(model) == []

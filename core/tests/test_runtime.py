@@ -1,0 +1,147 @@
+import pytest
+import torch
+from torch import nn
+
+import lora_lite as ll
+from lora_lite import runtime
+
+
+def snapshot(model):
+    return (
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
+        {n: p.requires_grad for n, p in model.named_parameters()},
+    )
+
+
+def assert_unchanged(model, snap):
+    state, flags = snap
+    now = model.state_dict()
+    assert set(now) == set(state)
+    assert all(torch.equal(now[k], v) for k, v in state.items())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert not any(k.startswith("lora_") for m in model.modules() for k in vars(m))
+
+
+def test_only_adapter_params_train(model):
+    att = ll.attach(model, ll.LoraLiteConfig(variant="t_lora", r=2))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(att.adapter_tensors())
+    assert len(trainable) == 2 * len(att)
+
+
+def test_failure_midway_rolls_back(model, monkeypatch):
+    class Fails:
+        name = "t_fails"
+        calls = 0
+
+        @staticmethod
+        @ll.hookimpl
+        def param_specs(d_in, d_out, cfg):
+            return {"lora_A": ll.ParamSpec((1, d_in))}
+
+        @staticmethod
+        @ll.hookimpl
+        def init(layer, cfg):
+            Fails.calls += 1
+            ll.replace_dense_weight(layer, torch.zeros_like(ll.dense_weight(layer)))
+            if Fails.calls == 5:
+                raise RuntimeError("boom in the 5th init")
+
+        @staticmethod
+        @ll.hookimpl
+        def forward(layer, x, y):
+            return y
+
+    ll.register(Fails)
+    try:
+        snap = snapshot(model)
+        with pytest.raises(ll.AttachError, match="init of .*boom in the 5th init.*rolled back"):
+            ll.attach(model, ll.LoraLiteConfig(variant="t_fails"))
+        assert Fails.calls == 5
+        assert_unchanged(model, snap)
+        assert ll.attachments(model) == []
+    finally:
+        ll.unregister("t_fails")
+
+
+def test_attach_twice_raises_and_changes_nothing(model):
+    ll.attach(model, ll.LoraLiteConfig(variant="t_lora", r=2))
+    snap = snapshot(model)
+    with pytest.raises(ll.AlreadyAttachedError, match="detach"):
+        ll.attach(model, ll.LoraLiteConfig(variant="t_lora", r=2))
+    assert snapshot(model)[0].keys() == snap[0].keys()
+
+
+def test_disjoint_attachments_coexist_and_detach_independently(model, x):
+    base = model(x)
+    a = ll.attach(model, ll.LoraLiteConfig(variant="t_lora", r=2, target_names=(r"q_proj$",)))
+    b = ll.attach(model, ll.LoraLiteConfig(variant="t_scale", target_names=(r"down_proj$",), start=1.0))
+    assert len(ll.attachments(model)) == 2
+    with torch.no_grad():
+        model.layers[0].down_proj.lora_g.fill_(2.0)
+    assert not torch.allclose(model(x), base)
+    b.detach()
+    torch.testing.assert_close(model(x), base)
+    assert model.layers[0].q_proj.lora_A.requires_grad
+    a.detach()
+    assert ll.attachments(model) == []
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_detach_without_attach(model):
+    with pytest.raises(ll.NotAttachedError, match="attach"):
+        ll.detach(model)
+
+
+def test_save_without_attach(model, tmp_path):
+    with pytest.raises(ll.NotAttachedError):
+        ll.save(model, tmp_path / "a.safetensors")
+
+
+def test_meta_device_model_is_refused():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ll.AttachError, match="meta"):
+        ll.attach(model, ll.LoraLiteConfig(variant="t_lora", r=1))
+
+
+def test_layer_called_without_positional_input(model):
+    ll.attach(model, ll.LoraLiteConfig(variant="t_lora", r=1, target_names=(r"layers\.0\.q_proj$",)))
+    with pytest.raises(ll.ForwardError, match="positional"):
+        model.layers[0].q_proj(input=torch.randn(1, 32))
+
+
+def test_calibration_data_for_a_weight_only_variant(model):
+    snap = snapshot(model)
+    with pytest.raises(ll.ConfigError, match="calibration"):
+        ll.attach(model, ll.LoraLiteConfig(variant="t_lora"), calibration_data=[torch.randn(1, 32)])
+    assert_unchanged(model, snap)
+
+
+def test_bf16_adapter_keeps_activation_dtype(model, x):
+    ll.attach(model, ll.LoraLiteConfig(variant="t_lora", dtype=torch.bfloat16))
+    assert model.layers[0].q_proj.lora_A.dtype == torch.bfloat16
+    assert model(x).dtype == torch.float32
+
+
+def test_keep_fp32_overrides_storage_dtype(model):
+    ll.attach(model, ll.LoraLiteConfig(variant="t_scale", dtype=torch.bfloat16))
+    assert model.layers[0].q_proj.lora_g.dtype == torch.float32
+
+
+def test_weight_access_refuses_unknown_storage():
+    class Packed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.in_features, self.out_features = 8, 4
+            self.weight = nn.Parameter(torch.zeros(16, 1, dtype=torch.uint8), requires_grad=False)
+
+    with pytest.raises(ll.WeightAccessError, match="no registered layer kind"):
+        ll.dense_weight(Packed())
+    assert ll.is_quantized(Packed())
+
+
+def test_attach_rejects_non_config(model):
+    with pytest.raises(ll.ConfigError):
+        runtime.attach(model, {"variant": "t_lora"})

@@ -1,0 +1,44 @@
+"""LoRA: low-rank adaptation (Hu et al. 2021, https://arxiv.org/abs/2106.09685).
+
+Equation, for a frozen layer ``y = W x (+ b)``::
+
+    y' = y + (alpha / r) * B A x,     A: (r, d_in), B: (d_out, r)
+
+Identity at init: ``A`` is kaiming-uniform (as ``nn.Linear`` and PEFT initialise it),
+``B`` is zeros, so ``B A x = 0`` and ``y' = y`` exactly; the first gradient step moves
+``B`` (its gradient ``(alpha/r) * dy (A x)^T`` is non-zero), then ``A``.
+
+Layers: any linear-like layer. LoRA never reads the base weight, so quantized layers
+(bitsandbytes 4/8-bit) work as they are.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+import lora_lite as ll
+
+
+class LoRA:
+    name = "lora"
+
+    @staticmethod
+    @ll.hookimpl
+    def param_specs(d_in, d_out, cfg):
+        return {
+            "lora_A": ll.ParamSpec((cfg.r, d_in), init="kaiming"),
+            "lora_B": ll.ParamSpec((d_out, cfg.r), init="zeros"),
+        }
+
+    @staticmethod
+    @ll.hookimpl
+    def init(layer, cfg):
+        layer.lora_scaling = cfg.alpha / cfg.r
+
+    @staticmethod
+    @ll.hookimpl
+    def forward(layer, x, y):
+        # scale the r-wide intermediate, not the d_out-wide output; cast the small
+        # adapter tensors to the activation dtype (a no-op when they already match)
+        h = F.linear(x, layer.lora_A.to(x.dtype)) * layer.lora_scaling
+        return y + F.linear(h, layer.lora_B.to(x.dtype))

@@ -1,0 +1,100 @@
+"""PiSSA: principal singular values and vectors adaptation (Meng et al. 2024,
+https://arxiv.org/abs/2404.02948).
+
+With the SVD ``W = U S V^T`` and scale ``s = alpha / r``::
+
+    A = sqrt(S_r / s) V_r^T,   B = U_r sqrt(S_r / s),   W_res = W - s B A
+    y' = W_res x (+ b) + s B A x
+
+The adapter starts on the top-r principal subspace and the frozen base keeps the
+residual. Dividing ``S_r`` by ``s`` before the split (PEFT's convention) makes ``s B A``
+equal the rank-r part exactly whatever ``alpha``.
+
+Identity at init: ``W_res x + s B A x = (W - s B A) x + s B A x = W x`` up to float
+rounding (~1e-6 relative in fp32).
+
+``svd="full"`` runs ``torch.linalg.svd``; ``svd="lowrank"`` runs ``torch.svd_lowrank``
+with ``niter`` subspace iterations (PEFT's ``pissa_niter_N``), much faster on wide
+layers, seeded from ``seed`` so a reload reproduces the same ``W_res``.
+
+Layers: floating-point layers whose weight can be rewritten (``nn.Linear``). The base
+weight is rewritten through ``lora_lite.replace_dense_weight``, so ``detach`` restores
+the original bit for bit and ``save -> detach -> load`` is exact. Quantized layers raise
+a clear error: their weight cannot be rewritten without requantization.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+import lora_lite as ll
+
+
+@dataclass
+class PiSSAConfig(ll.LoraLiteConfig):
+    variant: str = "pissa"
+    svd: Literal["full", "lowrank"] = "full"
+    niter: int = 4
+    seed: int = 0
+
+    def validate(self):
+        if self.niter < 0:
+            raise ll.ConfigError(f"pissa niter must be >= 0, got {self.niter}.")
+
+
+class PiSSA:
+    name = "pissa"
+    config_class = PiSSAConfig
+
+    @staticmethod
+    @ll.hookimpl
+    def param_specs(d_in, d_out, cfg):
+        if cfg.r > min(d_in, d_out):
+            raise ll.ConfigError(
+                f"pissa r={cfg.r} exceeds min(d_in, d_out)={min(d_in, d_out)} of a target; "
+                "lower r or narrow the targets."
+            )
+        return {
+            "lora_A": ll.ParamSpec((cfg.r, d_in), init="empty"),
+            "lora_B": ll.ParamSpec((d_out, cfg.r), init="empty"),
+        }
+
+    @staticmethod
+    @ll.hookimpl
+    def init(layer, cfg):
+        if ll.is_quantized(layer):
+            raise ll.WeightAccessError(
+                f"pissa rewrites the base weight into W_res, and {type(layer).__name__} stores it quantized. "
+                "Use lora/delora on quantized layers, or dequantize the model before attaching pissa."
+            )
+        scale = cfg.alpha / cfg.r
+        w = ll.dense_weight(layer)
+        w32 = w.detach().to(torch.float32)
+        if cfg.svd == "full":
+            u, s, vh = torch.linalg.svd(w32, full_matrices=False)
+            u, s, vh = u[:, : cfg.r], s[: cfg.r], vh[: cfg.r]
+        else:
+            with torch.random.fork_rng(devices=[w32.device] if w32.is_cuda else []):
+                torch.manual_seed(cfg.seed)
+                u, s, v = torch.svd_lowrank(w32, q=cfg.r, niter=cfg.niter)
+            vh = v.T
+        root = torch.sqrt(s / scale)
+        a = root[:, None] * vh
+        b = u * root[None, :]
+        with torch.no_grad():
+            layer.lora_A.copy_(a)
+            layer.lora_B.copy_(b)
+            # subtract what the stored (possibly bf16-rounded) factors will add back
+            stored = layer.lora_B.float() @ layer.lora_A.float()
+        ll.replace_dense_weight(layer, (w32 - scale * stored).to(w.dtype))
+        layer.lora_scaling = scale
+
+    @staticmethod
+    @ll.hookimpl
+    def forward(layer, x, y):
+        h = F.linear(x, layer.lora_A.to(x.dtype)) * layer.lora_scaling
+        return y + F.linear(h, layer.lora_B.to(x.dtype))
