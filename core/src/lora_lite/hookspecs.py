@@ -67,12 +67,15 @@ def init(layer, cfg):
 def group_init(model, targets, cfg, calibration_data):
     """Data-calibrated initialisation over all targets at once.
 
-    Called once at ``attach`` after every ``init``, and only when the user passed
-    ``calibration_data``; never at ``load`` (everything calibration chose must live in
-    persistent ``lora_*`` tensors so that a checkpoint reloads without data). Run the
-    model on the data with temporary hooks, remove them, then write the tensors. Raise
-    :class:`lora_lite.CalibrationError` for missing, empty or non-finite data. A variant
-    that cannot work without data says so from ``init`` or ``param_specs``.
+    Called once at ``attach`` after every ``init``, with whatever the user passed as
+    ``calibration_data`` (possibly ``None``: raise :class:`lora_lite.CalibrationError`
+    if the variant cannot work without data). Never called at ``load``: everything
+    calibration chose must live in persistent ``lora_*`` tensors so that a checkpoint
+    reloads without data. Run the model on the data with temporary hooks, remove them,
+    then write the tensors. ``init`` has already run for every target, so a variant
+    that both calibrates and rewrites base weights rewrites them here, after
+    calibrating, never in ``init``. Raise
+    :class:`lora_lite.CalibrationError` for empty or non-finite data.
 
     Optional. If it raises, the whole attach is rolled back.
 
