@@ -42,6 +42,16 @@ def test_magnitude_starts_at_the_row_norms_in_fp32():
     torch.testing.assert_close(layer.lora_magnitude, layer.weight.norm(dim=1), atol=1e-6, rtol=1e-6)
 
 
+def test_identity_is_exact_on_a_bf16_model():
+    """m / ||V|| is computed in fp32 and is 1 to far below bf16 spacing, so y passes through bit for bit."""
+    torch.manual_seed(0)
+    layer = nn.Linear(256, 256).to(torch.bfloat16)
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    y0 = layer(x)
+    ll.attach(nn.Sequential(layer), ll.LoraLiteConfig(variant="dora", r=4, dtype=torch.bfloat16))
+    assert torch.equal(layer(x), y0)
+
+
 def test_weight_norm_gets_no_gradient():
     """||W + sBA|| is detached: the gradient of m is (W x + s B A x) / ||V|| summed over dy."""
     torch.manual_seed(0)

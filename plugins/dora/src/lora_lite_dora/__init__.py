@@ -4,7 +4,7 @@ The adapted weight is a learned magnitude times a unit direction, the direction 
 the LoRA-updated weight ``V = W + s B A`` (``s = alpha / r``) normalised row-wise::
 
     W' = diag(m / ||V||) V,         ||V||: (d_out,) row norms of V, detached
-    y' = (m / ||V||) * (W x + s B A x) + b
+    y' = (m / ||V||) * (W x + s B A x) + b  =  y + (m / ||V|| - 1)(y - b) + (m / ||V||) s B A x
 
 ``||V||`` is treated as a constant (no gradient), as the paper suggests (section 4.3)
 and PEFT does. The bias passes through unscaled: the hook subtracts it from the base
@@ -53,10 +53,12 @@ class DoRA:
         dt = x.dtype
         a, b, s = layer.lora_A.to(dt), layer.lora_B.to(dt), layer.lora_scaling
         with torch.no_grad():  # ||W + s B A|| is a constant for autograd (paper, section 4.3)
-            norm = torch.linalg.vector_norm(torch.addmm(ll.dense_weight(layer).to(dt), b, a, alpha=s), dim=1)
-        g = layer.lora_magnitude.to(dt) / norm
+            v = torch.addmm(ll.dense_weight(layer).to(dt), b, a, alpha=s)
+            # accumulate in fp32 like the fp32 magnitude, so m / ||V|| is 1 at init in bf16 too
+            norm = torch.linalg.vector_norm(v, dim=1, dtype=torch.float32)
+        g = (layer.lora_magnitude / norm).to(dt)
         lora = F.linear(F.linear(x, a) * s, b)
         bias = getattr(layer, "bias", None)
-        if bias is None:
-            return g * (y + lora)
-        return g * (y - bias + lora) + bias
+        base = y if bias is None else y - bias
+        # y + (g - 1)(y - b) + g s B A x: exactly y when g == 1, in any dtype
+        return y + (g - 1) * base + g * lora
