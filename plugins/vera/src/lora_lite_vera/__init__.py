@@ -82,7 +82,9 @@ class VeRA:
     @ll.hookimpl
     def forward(layer, x, y):
         dt = x.dtype
-        a = layer.lora_vera_A[:, : x.shape[-1]].to(dt)
-        b = layer.lora_vera_B[: y.shape[-1]].to(dt)
+        # the shared pair lives on the first target's device; a model split over devices
+        # copies the slice per call, as PEFT does (a no-op on one device)
+        a = layer.lora_vera_A[:, : x.shape[-1]].to(x.device, dt)
+        b = layer.lora_vera_B[: y.shape[-1]].to(x.device, dt)
         h = F.linear(x, a) * layer.lora_lambda_d.to(dt)
         return y + F.linear(h, b) * layer.lora_lambda_b.to(dt)
