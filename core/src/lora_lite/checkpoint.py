@@ -43,10 +43,17 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write every live adapter on ``model`` to ``path`` (safetensors, any extension), atomically."""
     atts = _state(model).attachments
     tensors: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
     records = []
     for att in atts:
         owned = att.adapter_tensors(persistent_only=True)
-        tensors.update({k: v.detach().to("cpu").contiguous() for k, v in owned.items()})
+        for k, v in owned.items():
+            t = v.detach().to("cpu").contiguous()
+            # safetensors refuses aliased tensors; one tensor shared by several layers
+            # (VeRA's saved projections) is written once per key
+            ptr = t.untyped_storage().data_ptr()
+            tensors[k] = t.clone() if ptr in storages else t
+            storages.add(ptr)
         records.append({
             "variant": att.variant.name,
             "config": att.cfg.to_dict(),

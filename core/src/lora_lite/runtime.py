@@ -216,7 +216,7 @@ def attach(
             t.layer.lora_cfg = cfg
             if init is not None:
                 stage = f"init of {t.name}"
-                init(t.layer, cfg)
+                init(t.layer, cfg, targets)
         if group_init is not None and not _loading:
             stage = "group_init"
             group_init(model, targets, cfg, calibration_data)
