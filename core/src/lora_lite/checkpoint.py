@@ -39,14 +39,32 @@ def _core_version() -> str:
     return __version__
 
 
+def _full_cpu(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``(full tensor on CPU, was it sharded)``. A DTensor (FSDP2 ``fully_shard``) is gathered
+    with ``full_tensor()``, a collective every rank of its mesh must join."""
+    gather = getattr(t, "full_tensor", None)
+    sharded = callable(gather)
+    if sharded:
+        t = gather()
+    return t.detach().to("cpu").contiguous(), sharded
+
+
 def save(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write every live adapter on ``model`` to ``path`` (safetensors, any extension), atomically."""
+    """Write every live adapter on ``model`` to ``path`` (safetensors, any extension), atomically.
+
+    On a model sharded with FSDP2 (``fully_shard``) the adapter tensors are DTensors:
+    ``save`` gathers them, so every rank must call it (with the same path); rank 0
+    writes the file and all ranks return once it is written.
+    """
     atts = _state(model).attachments
     tensors: dict[str, torch.Tensor] = {}
     records = []
+    sharded = False
     for att in atts:
         owned = att.adapter_tensors(persistent_only=True)
-        tensors.update({k: v.detach().to("cpu").contiguous() for k, v in owned.items()})
+        for k, v in owned.items():
+            tensors[k], was_sharded = _full_cpu(v)
+            sharded |= was_sharded
         records.append({
             "variant": att.variant.name,
             "config": att.cfg.to_dict(),
@@ -63,6 +81,16 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         "adapters": json.dumps(records),
     }
     path = Path(path)
+    if sharded and torch.distributed.is_initialized():
+        if torch.distributed.get_rank() == 0:
+            _write_atomically(tensors, metadata, path)
+        torch.distributed.barrier()
+    else:
+        _write_atomically(tensors, metadata, path)
+    return path
+
+
+def _write_atomically(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -74,7 +102,6 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return path
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
