@@ -40,6 +40,7 @@ from torch import nn
 from .checkpoint import _full_cpu, save
 from .config import LoraLiteConfig
 from .errors import NotAttachedError, PeftInteropError
+from .plugins import list_variants
 from .runtime import Attachment, attach, attachments
 from .targeting import block_index, linear_like_modules
 from .weights import original_weight
@@ -83,6 +84,8 @@ _LORA_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
 PEFT_FORMATS: dict[str, PeftFormat] = {
     "lora": PeftFormat(_LORA_KEYS),
     "pissa": PeftFormat(_LORA_KEYS, convert=_pissa_as_lora_delta),
+    # PEFT's DoRA: the same m / ||W + s B A|| row scaling, with m under another name
+    "dora": PeftFormat({**_LORA_KEYS, "lora_magnitude": "lora_magnitude_vector"}, {"use_dora": True}),
 }
 """Variant name -> PEFT format. Add a variant whose math matches a PEFT LoRA flavour here."""
 
@@ -160,7 +163,7 @@ def _target_modules(model: nn.Module, targets: list[str]) -> list[str]:
 # adapter_config.json entries that do not change what a LoRA adapter computes
 _NEUTRAL = {
     "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
-    "peft_version", "r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules", "layers_to_transform",
+    "peft_version", "r", "lora_alpha", "use_rslora", "use_dora", "target_modules", "exclude_modules", "layers_to_transform",
     "layers_pattern", "lora_dropout", "init_lora_weights", "runtime_config", "ephemeral_gpu_offload",
     # knobs of options that are off unless their switch (megatron_config, use_qalora) is set
     "megatron_core", "qalora_group_size",
@@ -230,7 +233,8 @@ def _selected_by_config(model: nn.Module, cfg: dict[str, Any]) -> set[str] | Non
 
 
 def import_peft(model: nn.Module, directory: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Attachment:
-    """Attach a lora-lite ``lora`` adapter holding the PEFT LoRA adapter in ``directory``.
+    """Attach a lora-lite ``lora`` adapter (``dora`` if ``use_dora``) holding the PEFT LoRA
+    adapter in ``directory``.
 
     Every tensor in the file must land on a target and every target must get its tensors;
     otherwise :class:`PeftInteropError` and the model is left as it was. ``dtype``: adapter
@@ -240,7 +244,10 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, dtype: torch.
     path = Path(directory)
     cfg, tensors = _read_peft_dir(path)
     _check_peft_config(cfg, path)
-    fmt = PEFT_FORMATS["lora"]
+    variant = "dora" if cfg.get("use_dora") else "lora"
+    if variant not in {v.name for v in list_variants()}:
+        raise PeftInteropError(f"{path}: use_dora=True needs the dora variant; pip install lora-lite-dora.")
+    fmt = PEFT_FORMATS[variant]
     suffix_to_name = {v: k for k, v in fmt.keys.items()}
     by_module: dict[str, Tensors] = {}
     for key, value in tensors.items():
@@ -250,12 +257,14 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, dtype: torch.
         name = suffix_to_name.get("lora_" + suffix)
         if not module or name is None:
             raise PeftInteropError(
-                f"{path}: tensor {key!r} is not a plain LoRA weight (expected .lora_A.weight / .lora_B.weight)."
+                f"{path}: tensor {key!r} is not a {variant} weight (expected suffixes {sorted(fmt.keys.values())})."
             )
         by_module.setdefault(module, {})[name] = value
     incomplete = [m for m, t in by_module.items() if set(t) != set(fmt.keys)]
     if not by_module or incomplete:
-        raise PeftInteropError(f"{path}: modules missing lora_A or lora_B: {incomplete[:5] or 'no tensors at all'}.")
+        raise PeftInteropError(
+            f"{path}: modules without all of {sorted(fmt.keys.values())}: {incomplete[:5] or 'no tensors at all'}."
+        )
     selected = _selected_by_config(model, cfg)
     if selected is not None and selected != set(by_module):
         raise PeftInteropError(
@@ -265,9 +274,9 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, dtype: torch.
         )
     r = int(cfg["r"])
     alpha = float(cfg["lora_alpha"]) * (math.sqrt(r) if cfg.get("use_rslora") else 1.0)
-    storage = dtype or next(iter(tensors.values())).dtype
+    storage = dtype or next(iter(by_module.values()))["lora_A"].dtype
     config = LoraLiteConfig(
-        variant="lora", r=r, alpha=alpha, dtype=storage, exclude_names=(),
+        variant=variant, r=r, alpha=alpha, dtype=storage, exclude_names=(),
         target_names=tuple(f"^{re.escape(m)}$" for m in sorted(by_module)),
     )
     att = attach(model, config)
