@@ -5,8 +5,10 @@ environment), so ``torchrun --nproc-per-node 2 tests/dist_worker.py ddp OUT`` ru
 Usage: ``dist_worker.py {ddp|fsdp} OUT_DIR``. Every rank trains a LoRA adapter on its half
 of a fixed global batch, then writes what the test checks under OUT_DIR:
 ``rank{R}.safetensors`` (full adapter tensors as this rank sees them), ``adapter.safetensors``
-(``lora_lite.save``), ``base.safetensors`` (base weights after training, rank 0) and, for
-fsdp, ``sharded_logits.safetensors`` (a fresh model that loaded the file, then was sharded).
+(``lora_lite.save``), ``base.safetensors`` (base weights after training, rank 0),
+``attach_after_wrap_rank{R}.txt`` (the error attaching to the wrapped model) and, for fsdp,
+``peft/`` (``lora_lite.export_peft`` of the sharded model) and ``sharded_logits.safetensors``
+(a fresh model that loaded the file, then was sharded).
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ def main(mode: str, out: Path) -> None:
             ll.save(model, out / "adapter.safetensors")
     else:
         ll.save(model, out / "adapter.safetensors")  # a collective on a sharded model
+        ll.export_peft(model, out / "peft")  # likewise
         fresh = tiny_qwen3(seed=0)
         ll.load(fresh, out / "adapter.safetensors")
         for layer in fresh.model.layers:

@@ -137,3 +137,13 @@ def test_fsdp_loaded_then_sharded_model_matches_single_process(tmp_path_factory,
     _, ref_model = single_process
     with torch.no_grad():
         torch.testing.assert_close(logits, ref_model(**dist_worker.global_batch()).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_fsdp_peft_export_of_sharded_model_loads_in_peft(tmp_path_factory, single_process):
+    peft = pytest.importorskip("peft")
+    _, out = launched("fsdp", tmp_path_factory)
+    pm = peft.PeftModel.from_pretrained(tiny_qwen3(seed=0), str(out / "peft")).eval()
+    _, ref_model = single_process
+    batch = dist_worker.global_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(pm(**batch).logits, ref_model(**batch).logits, rtol=1e-5, atol=1e-5)

@@ -90,6 +90,9 @@ Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
     ({"add": {"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": torch.zeros(4, 32),
               "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight": torch.zeros(64, 4)}}, "not selected"),
     ({"add": {f"{Q0}.lora_B.weight": torch.zeros(32, 3)}}, "shape"),
+    ({"config": {"target_modules": "all-linear"},
+      "add": {"base_model.model.model.norm.lora_A.weight": torch.zeros(4, 32),
+              "base_model.model.model.norm.lora_B.weight": torch.zeros(32, 4)}}, "not linear layers"),
 ])
 def test_unsupported_or_incomplete_adapters_fail_and_leave_the_model_alone(tmp_path, change, match):
     peft_adapter(tmp_path)
@@ -129,6 +132,7 @@ def test_cli_import_then_export_reproduces_peft(tmp_path):
     ll.load(model, checkpoint)
     torch.testing.assert_close(logits(model, batch), logits(pm, batch), rtol=0, atol=1e-5)
     assert cli(["export-peft", str(checkpoint), str(out_dir), "--model", str(base_dir)]) == 0
-    assert json.loads((out_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir)
+    config = json.loads((out_dir / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base_dir) and config["task_type"] == "CAUSAL_LM"
     original, exported = (load_file(str(d / "adapter_model.safetensors")) for d in (peft_dir, out_dir))
     assert set(original) == set(exported) and all(torch.equal(original[k], exported[k]) for k in original)

@@ -15,7 +15,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -39,14 +39,28 @@ def _core_version() -> str:
     return __version__
 
 
-def _full_cpu(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """``(full tensor on CPU, was it sharded)``. A DTensor (FSDP2 ``fully_shard``) is gathered
-    with ``full_tensor()``, a collective every rank of its mesh must join."""
-    gather = getattr(t, "full_tensor", None)
-    sharded = callable(gather)
-    if sharded:
-        t = gather()
-    return t.detach().to("cpu").contiguous(), sharded
+def _is_sharded(t: torch.Tensor) -> bool:
+    """A DTensor, e.g. a parameter of a model sharded with FSDP2 ``fully_shard``."""
+    return callable(getattr(t, "full_tensor", None))
+
+
+def _full_cpu(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on CPU; a DTensor is gathered (a collective every rank must join)."""
+    if _is_sharded(t):
+        t = t.full_tensor()
+    return t.detach().to("cpu").contiguous()
+
+
+def _write_once(sharded: bool, write: Callable[[], Any]) -> None:
+    """Gathered sharded state is the same on every rank: rank 0 writes, the others wait for it."""
+    if not (sharded and torch.distributed.is_initialized()):
+        write()
+        return
+    try:
+        if torch.distributed.get_rank() == 0:
+            write()
+    finally:
+        torch.distributed.barrier()
 
 
 def save(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -62,9 +76,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     sharded = False
     for att in atts:
         owned = att.adapter_tensors(persistent_only=True)
-        for k, v in owned.items():
-            tensors[k], was_sharded = _full_cpu(v)
-            sharded |= was_sharded
+        sharded |= any(_is_sharded(v) for v in owned.values())
+        tensors.update({k: _full_cpu(v) for k, v in owned.items()})
         records.append({
             "variant": att.variant.name,
             "config": att.cfg.to_dict(),
@@ -81,12 +94,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         "adapters": json.dumps(records),
     }
     path = Path(path)
-    if sharded and torch.distributed.is_initialized():
-        if torch.distributed.get_rank() == 0:
-            _write_atomically(tensors, metadata, path)
-        torch.distributed.barrier()
-    else:
-        _write_atomically(tensors, metadata, path)
+    _write_once(sharded, lambda: _write_atomically(tensors, metadata, path))
     return path
 
 

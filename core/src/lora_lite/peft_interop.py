@@ -37,7 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint import _full_cpu, save
+from .checkpoint import _full_cpu, _is_sharded, _write_once, save
 from .config import LoraLiteConfig
 from .errors import NotAttachedError, PeftInteropError
 from .plugins import list_variants
@@ -71,8 +71,8 @@ def _pissa_as_lora_delta(att: Attachment, name: str, t: Tensors) -> tuple[Tensor
     """Rank-2r LoRA equal to PiSSA's adapter on W_res, against the original base W."""
     layer = dict(zip(att.target_names, (x.layer for x in att.targets)))[name]
     s, r = att.cfg.alpha / att.cfg.r, att.cfg.r
-    w0 = _full_cpu(original_weight(layer))[0].double()
-    w_res = _full_cpu(layer.weight)[0].double()
+    w0 = _full_cpu(original_weight(layer)).double()
+    w_res = _full_cpu(layer.weight).double()
     u, sv, vh = torch.linalg.svd((w0 - w_res) / s, full_matrices=False)  # = B0 A0, rank r
     root = sv[:r].sqrt()
     a0, b0 = (root[:, None] * vh[:r]).to(t["lora_A"].dtype), (u[:, :r] * root).to(t["lora_B"].dtype)
@@ -90,13 +90,20 @@ PEFT_FORMATS: dict[str, PeftFormat] = {
 """Variant name -> PEFT format. Add a variant whose math matches a PEFT LoRA flavour here."""
 
 
-def export_peft(model: nn.Module, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> Path:
+def export_peft(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+) -> Path:
     """Write the adapter on ``model`` as a PEFT LoRA adapter directory; return its path.
 
     ``PeftModel.from_pretrained(base, directory)`` then reproduces the lora-lite model's
     outputs, where ``base`` is the same model without any adapter (for PiSSA: the original
     weights, not ``W_res``). Module paths are relative to ``model``, so pass the model you
-    attached to.
+    attached to. ``task_type`` (e.g. ``"CAUSAL_LM"``) picks PEFT's model class on load.
+    On an FSDP2-sharded model every rank must call it; rank 0 writes.
     """
     atts = attachments(model)
     if not atts:
@@ -114,8 +121,9 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, *, base_model_na
         )
     tensors: Tensors = {}
     ranks = set()
+    sharded = any(_is_sharded(v) for v in att.adapter_tensors().values())
     for name, layer in ((t.name, t.layer) for t in att.targets):
-        own = {k: _full_cpu(getattr(layer, k))[0] for k in att.specs[name]}
+        own = {k: _full_cpu(getattr(layer, k)) for k in att.specs[name]}
         if set(own) != set(fmt.keys):
             raise PeftInteropError(
                 f"{name} holds adapter tensors {sorted(own)} but the {att.variant.name} PEFT format maps "
@@ -130,7 +138,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, *, base_model_na
     (r, alpha), = ranks
     config = {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None) or None,
         "r": r,
         "lora_alpha": alpha,
@@ -146,9 +154,13 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, *, base_model_na
         **fmt.config,
     }
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+
+    def write() -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+        (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+
+    _write_once(sharded, write)
     return out
 
 
@@ -279,11 +291,11 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, dtype: torch.
         variant=variant, r=r, alpha=alpha, dtype=storage, exclude_names=(),
         target_names=tuple(f"^{re.escape(m)}$" for m in sorted(by_module)),
     )
+    absent = sorted(set(by_module) - {n for n, _ in linear_like_modules(model)})
+    if absent:
+        raise PeftInteropError(f"{path}: {len(absent)} adapted module(s) are not linear layers of this model: {absent[:5]}.")
     att = attach(model, config)
     try:
-        missing = sorted(set(by_module) - set(att.target_names))
-        if missing:
-            raise PeftInteropError(f"{path}: {len(missing)} adapted module(s) are not linear layers of this model: {missing[:5]}.")
         with torch.no_grad():
             for t in att.targets:
                 for name, value in by_module[t.name].items():
@@ -311,7 +323,7 @@ def _cli_export(args: argparse.Namespace) -> int:
 
     model = _load_hf_model(args.model)
     load(model, args.checkpoint)
-    out = export_peft(model, args.output, base_model_name_or_path=args.model)
+    out = export_peft(model, args.output, base_model_name_or_path=args.model, task_type="CAUSAL_LM")
     print(f"wrote PEFT adapter {out / CONFIG_NAME} and {out / WEIGHTS_NAME}")
     return 0
 
