@@ -186,6 +186,9 @@ _MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 def _check_peft_config(cfg: dict[str, Any], path: Path) -> None:
     if cfg.get("peft_type") != "LORA":
         raise PeftInteropError(f"{path}: peft_type is {cfg.get('peft_type')!r}; lora-lite imports PEFT LoRA adapters only.")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(cfg.get(key), (int, float)) or isinstance(cfg.get(key), bool):
+            raise PeftInteropError(f"{path}: adapter_config.json has no numeric {key!r}.")
     if cfg.get("bias", "none") != "none":
         raise PeftInteropError(f"{path}: bias={cfg['bias']!r} trains base biases, which lora-lite does not; "
                                "retrain with bias='none'.")
@@ -313,7 +316,10 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, dtype: torch.
 
 
 def _load_hf_model(name_or_path: str) -> nn.Module:
-    from transformers import AutoModelForCausalLM
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise SystemExit("export-peft/import-peft load the base model with transformers: pip install transformers") from None
 
     return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
 
