@@ -60,3 +60,7 @@ class CheckpointMismatchError(CheckpointError):
 
 class ForwardError(LoraLiteError):
     """An adapted layer was called in a way the adapter cannot handle."""
+
+
+class PeftInteropError(LoraLiteError):
+    """An adapter cannot be converted to or from PEFT's format without changing its math."""
