@@ -23,8 +23,9 @@ Not implemented: PEFT's ``apply_GS`` (Gram-Schmidt on ``U``, ``H = I - 2 Q Q^T``
 reflects an r-dimensional subspace, so it is never the identity, and with PEFT's paired
 init the second vector of each pair is Gram-Schmidt of rounding noise.
 
-Layers: any linear-like layer whose input is ``(..., d_in)`` (``nn.Linear``, GPT-2
-``Conv1D``, bitsandbytes 4/8-bit): HRA only transforms the input and never reads the weight.
+Layers: any linear-like layer lora-lite targets, ``nn.Linear`` and bitsandbytes
+``Linear4bit`` / ``Linear8bitLt`` included: HRA only transforms the input, it never reads the weight.
+The layer only has to take ``(..., d_in)`` inputs.
 """
 
 from __future__ import annotations

@@ -28,8 +28,9 @@ Block size: give ``r`` (blocks per layer) or ``oft_block_size``, not both, as PE
 value that does not divide a layer's ``d_in`` is moved to the nearest divisor, with a
 warning, by PEFT's rule, so parameter counts equal PEFT's on every layer.
 
-Layers: any linear-like layer whose input is ``(..., d_in)`` (``nn.Linear``, GPT-2
-``Conv1D``, bitsandbytes 4/8-bit): OFT only rotates the input and never reads the weight.
+Layers: any linear-like layer lora-lite targets, ``nn.Linear`` and bitsandbytes
+``Linear4bit`` / ``Linear8bitLt`` included: OFT only rotates the input, it never reads the weight.
+The layer only has to take ``(..., d_in)`` inputs.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""HRA and OFT against PEFT on a Qwen3-architecture causal LM: same parameters, same logits."""
+"""HRA and OFT across packages: parity with PEFT on a Qwen3-architecture causal LM (same
+parameters, same logits), and the input-side hook on bitsandbytes layers."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import pytest
 import torch
 
 import lora_lite as ll
+
+from torch import nn
 
 from .models import tiny_qwen3, token_batch
 
@@ -53,3 +56,32 @@ def test_logits_match_peft(case):
     assert (got - base).abs().max().item() > 1e-2, "the adapters did not change the logits"
     err = (got - want).abs().max().item()
     assert err <= 1e-5, f"{case}: max |ours - peft| = {err:.2e}"
+
+
+@pytest.mark.parametrize("kind", ["Linear4bit", "Linear8bitLt"])
+@pytest.mark.parametrize(("variant", "knobs"), [("hra", {"r": 4}), ("oft", {"r": 0, "oft_block_size": 8})])
+def test_input_side_adapters_run_on_bnb_layers(kind, variant, knobs):
+    """The base layer sees the rotated input; its quantized weight is never read or changed."""
+    bnb = pytest.importorskip("bitsandbytes")
+    pytest.importorskip(f"lora_lite_{variant}")
+    torch.manual_seed(0)
+    extra = {"compute_dtype": torch.float32} if kind == "Linear4bit" else {"has_fp16_weights": False}
+    layer = getattr(bnb.nn, kind)(32, 16, **extra)
+    layer.load_state_dict(nn.Linear(32, 16).state_dict())
+    layer = layer.to("cpu")  # quantizes
+    assert ll.is_quantized(layer)
+    model = nn.Sequential(layer)
+    x = torch.randn(3, 32)
+    base = model(x).detach()
+    ll.attach(model, ll.LoraLiteConfig(variant=variant, **knobs))
+    assert (model(x) - base).abs().max().item() <= 1e-5
+    (adapter,) = [p for n, p in layer.named_parameters() if n.startswith("lora_")]
+    with torch.no_grad():
+        adapter.normal_(std=0.3)
+    (rotate,) = layer._forward_pre_hooks.values()
+    rotated = rotate(layer, (x,))[0].detach()
+    out = model(x).detach()
+    assert (out - base).abs().max().item() > 1e-2
+    ll.detach(model)
+    assert torch.equal(model(x), base)
+    assert torch.equal(model(rotated), out)
