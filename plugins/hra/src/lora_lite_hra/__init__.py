@@ -72,4 +72,6 @@ class HRA:
         # the r x r solve is done in (at least) fp32, then only the small factors are cast
         u = layer.lora_U.to(torch.promote_types(x.dtype, torch.float32))
         v, vt = householder_wy(u)
-        return x - F.linear(F.linear(x, v.T.to(x.dtype)), vt.to(x.dtype))
+        # the minus sign sits on the small factor: backward then passes dL/dx' to x unchanged
+        # instead of negating an activation-sized gradient
+        return x + F.linear(F.linear(x, v.T.to(x.dtype)), vt.neg().to(x.dtype))
