@@ -128,7 +128,9 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[list[dict[str, Any]], dict
         head = fh.read(16)
     if not head:
         raise CheckpointFormatError(f"{path} is empty; it is not a lora-lite checkpoint.")
-    if head[:1] == b"\x80" or head[:2] == b"PK":
+    # safetensors = 8-byte header length + a JSON header, so byte 8 is "{"; only without
+    # it do the pickle / zip magics mean anything (a header length can end in 0x80)
+    if head[8:9] != b"{" and (head[:1] == b"\x80" or head[:2] == b"PK"):
         raise CheckpointFormatError(
             f"{path} looks like a pickle/torch.save file. lora-lite never unpickles (it can execute code); "
             "checkpoints are safetensors written by lora_lite.save."
