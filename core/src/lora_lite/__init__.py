@@ -20,6 +20,8 @@ from .errors import (
     ConfigError,
     ForwardError,
     LoraLiteError,
+    MissingDependencyError,
+    ModelLoadError,
     NotAttachedError,
     PluginError,
     TargetingError,
@@ -41,7 +43,7 @@ except PackageNotFoundError:  # running from a source tree without an install
 __all__ = [
     "AlreadyAttachedError", "AttachError", "Attachment", "CalibrationError", "CheckpointError",
     "CheckpointFormatError", "CheckpointMismatchError", "ConfigError", "ForwardError", "LayerKind",
-    "LoraLiteConfig", "LoraLiteError", "NotAttachedError", "ParamSpec", "PluginError", "ROLES", "Target",
+    "LoraLiteConfig", "LoraLiteError", "MissingDependencyError", "ModelLoadError", "NotAttachedError", "ParamSpec", "PluginError", "ROLES", "Target",
     "TargetingError", "UnknownVariantError", "WeightAccessError", "attach", "attachments", "broken_plugins",
     "dense_weight", "detach", "find_targets", "get_variant", "hookimpl", "hookspec", "is_quantized",
     "list_variants", "load", "read_checkpoint", "register", "register_layer_kind", "reload_plugins",

@@ -60,3 +60,11 @@ class CheckpointMismatchError(CheckpointError):
 
 class ForwardError(LoraLiteError):
     """An adapted layer was called in a way the adapter cannot handle."""
+
+
+class MissingDependencyError(LoraLiteError, ImportError):
+    """An optional dependency (transformers, matplotlib, tqdm, ...) is not installed."""
+
+
+class ModelLoadError(LoraLiteError):
+    """A base model could not be loaded (no such path, not cached while offline, bad files)."""
