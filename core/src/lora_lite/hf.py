@@ -133,6 +133,14 @@ def enable_gradient_checkpointing(model: nn.Module, use_reentrant: bool = False)
     model.enable_input_require_grads()
 
 
+def _is_checkpointing(model: nn.Module) -> bool:
+    # transformers 5 renamed gradient to activation checkpointing; 4.x has only the old name
+    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), attr):
+            return bool(getattr(model, attr))
+    return False
+
+
 class AdapterCheckpointCallback(TrainerCallback):
     """Save only the adapter tensors whenever the Trainer would save a checkpoint.
 
@@ -153,7 +161,7 @@ class AdapterCheckpointCallback(TrainerCallback):
         self.saved: list[Path] = []
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if model is not None and getattr(model, "is_gradient_checkpointing", False):
+        if model is not None and _is_checkpointing(model):
             model.enable_input_require_grads()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
