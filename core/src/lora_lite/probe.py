@@ -104,12 +104,12 @@ def lm_batch(model: nn.Module, settings: ProbeSettings) -> tuple[dict[str, torch
             tok = AutoTokenizer.from_pretrained(source, local_files_only=True)
         except (OSError, ValueError, KeyError, TypeError):
             tok = None  # a model directory without tokenizer files: fall back to token ids
-    if tok is not None:
-        ids = tok([PROMPT] * settings.batch_size, return_tensors="pt").input_ids
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = tok([PROMPT] * settings.batch_size, return_tensors="pt").input_ids if tok is not None else None
+    if ids is not None and ids.shape[1] >= 2 and int(ids.max()) < vocab:
         how = f"tokenizer of {source}: {PROMPT!r}"
-    else:
+    else:  # no tokenizer, or one that does not fit the model (transformers may build an empty one)
         g = torch.Generator().manual_seed(settings.seed + 1)
-        vocab = model.get_input_embeddings().num_embeddings
         ids = torch.randint(0, vocab, (settings.batch_size, settings.seq_len), generator=g)
         how = f"seeded random token ids {tuple(ids.shape)} (no tokenizer)"
     ids = ids.to(settings.device)
@@ -117,10 +117,11 @@ def lm_batch(model: nn.Module, settings: ProbeSettings) -> tuple[dict[str, torch
 
 
 def config_for(variant: str, settings: ProbeSettings) -> LoraLiteConfig:
-    return LoraLiteConfig(
+    kwargs = dict(
         variant=variant, r=settings.r, alpha=settings.alpha, dtype=settings.torch_dtype,
-        target_names=settings.target_names, layers=settings.layers, **settings.knobs.get(variant, {}),
+        target_names=settings.target_names, layers=settings.layers,
     )
+    return LoraLiteConfig(**{**kwargs, **settings.knobs.get(variant, {})})  # --set may override r, alpha, ...
 
 
 def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
