@@ -118,8 +118,9 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", nargs="+", default=None, metavar="N",
                    help="block indices to adapt, or 'all' (default: 0)")
     p.add_argument("--set", action="append", default=[], metavar="VARIANT.KNOB=VALUE", dest="knobs",
-                   help="a variant knob, e.g. --set delora.lambda0=1 (repeatable; VALUE parsed as JSON if it can be)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the embedded model's weights and the batch")
+                   help="a config field for one variant: a knob (--set delora.lambda0=1) or a shared field "
+                        "(--set pissa.alpha=4); repeatable; VALUE is parsed as JSON if it can be")
+    p.add_argument("--seed", type=int, default=0, help="seed of the embedded model's weights, the batch and the adapter inits")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=32, help="tokens per row when the model has no tokenizer")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"],

@@ -163,6 +163,7 @@ def _run_checks(row, variant, make_base, batch, settings, workdir, on_step) -> N
     model = make_base().to(settings.device)
     model.eval()
     base = _logits(model, batch)
+    torch.manual_seed(settings.seed)  # random adapter inits (kaiming A) are reproducible run to run
     att = attach(model, config_for(variant, settings))
     row.targets = len(att.targets)
     row.target_names = att.target_names
