@@ -7,8 +7,8 @@ and a batch builder. Widths are 32, two blocks, a 128-token vocabulary.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

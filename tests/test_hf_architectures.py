@@ -51,7 +51,7 @@ def test_default_targeting_train_save_load_exact(arch, variant, tmp_path):
     grads = {n for n, p in model.named_parameters() if p.grad is not None}
     assert grads and all(".lora_" in n for n in grads), sorted(grads)[:5]
     opt.step()
-    moved = [not torch.equal(p.detach(), b) for p, b in zip(params, before)]
+    moved = [not torch.equal(p.detach(), b) for p, b in zip(params, before, strict=True)]
     assert any(moved), "one step moved no adapter tensor"
     trained = _logits(model, batch)
     assert (trained - base).abs().max().item() > 1e-6, "training changed nothing"

@@ -19,7 +19,8 @@ import sys
 from dataclasses import fields
 from importlib import import_module
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import __version__
 from .errors import LoraLiteError, MissingDependencyError
@@ -40,10 +41,13 @@ def _require(modules: tuple[str, ...], command: str) -> None:
         )
 
 
-def _print_table(headers: list[str], rows: list[list[str]]) -> None:
+def _print_table(headers: list[str], rows: list[list[str]], numbers_right: bool = False) -> None:
+    """Aligned columns; with ``numbers_right`` every column but the first is right-aligned."""
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
     for cells in (headers, ["-" * w for w in widths], *rows):
-        print("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip())
+        padded = [c.rjust(w) if numbers_right and i else c.ljust(w)
+                  for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+        print("  ".join(padded).rstrip())
 
 
 # -- variants ----------------------------------------------------------------------------
@@ -181,7 +185,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .hf import load_causal_lm
-    from .probe import failures_text, run_probe, text_table, write_report
+    from .probe import failures_text, run_probe, table_rows, write_report
 
     settings = _probe_settings(args)
     if settings.steps < 1:
@@ -203,7 +207,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         bar.close()
     paths = write_report(report, args.out)
     print(f"lora-lite probe: {settings.model} ({settings.dtype}, {settings.device}); batch: {report.batch}")
-    print(text_table(report))
+    _print_table(*table_rows(report), numbers_right=True)
     if report.passed:
         print(f"ALL CHECKS PASS ({len(report.rows)} variant(s), {report.seconds:.1f} s)")
     else:

@@ -16,7 +16,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -291,13 +292,6 @@ def _fmt(value: Any) -> str:
 def table_rows(report: ProbeReport) -> tuple[list[str], list[list[str]]]:
     headers = [title for _, title in COLUMNS]
     return headers, [[_fmt(getattr(row, key)) for key, _ in COLUMNS] for row in report.rows]
-
-
-def text_table(report: ProbeReport) -> str:
-    headers, rows = table_rows(report)
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
 
 
 def markdown_table(report: ProbeReport) -> str:
