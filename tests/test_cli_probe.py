@@ -85,6 +85,12 @@ def test_probe_knob_override_reaches_the_config(tmp_path):
     assert data["rows"][0]["trainable"] == 4 * (128 + 256) + 1 + 4 * (128 + 128) + 1  # A, B and lambda per target
 
 
+def test_probe_set_for_a_variant_not_probed_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _probe(tmp_path, "--variants", "lora", "--set", "delora.lambda0=1")
+    assert exc.value.code == 2 and "--set names ['delora'], which this run does not probe" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("model", ["{tmp}/no-such-model", "{tmp}"])
 def test_probe_bad_model_path_is_one_clear_line(tmp_path, capsys, model):
     rc, _ = _probe(tmp_path, "--model", model.format(tmp=tmp_path), "--variants", "lora")

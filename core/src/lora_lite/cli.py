@@ -169,6 +169,10 @@ def _probe_settings(args: argparse.Namespace):
             layers = tuple(int(x) for x in args.layers)
         except ValueError:
             raise argparse.ArgumentTypeError(f"--layers takes block indices or 'all', got {args.layers}") from None
+    knobs = _parse_knobs(args.knobs)
+    stray = sorted(set(knobs) - set(variants))
+    if stray:
+        raise argparse.ArgumentTypeError(f"--set names {stray}, which this run does not probe (probing {variants})")
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -176,7 +180,7 @@ def _probe_settings(args: argparse.Namespace):
         model=args.model or EMBEDDED_MODEL, variants=variants, steps=args.steps, lr=args.lr, r=args.r,
         alpha=args.alpha, seed=args.seed, batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype,
         device=device, target_names=tuple(args.targets or DEFAULT_TARGET_NAMES), layers=layers,
-        knobs=_parse_knobs(args.knobs),
+        knobs=knobs,
     )
 
 
