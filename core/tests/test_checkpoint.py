@@ -63,22 +63,6 @@ def test_pickle_is_refused(tmp_path, x):
     check_refused(p2, ll.CheckpointFormatError, "pickle", x)
 
 
-def test_safetensors_whose_header_length_looks_like_a_pickle_magic_loads(trained, tmp_path, x):
-    """The first byte of a safetensors file is its header length's low byte: 0x80 is valid."""
-    path, out = trained
-    with safe_open(str(path), framework="pt") as fh:
-        meta, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
-    for pad in range(256):
-        p = tmp_path / "padded.safetensors"
-        save_file(tensors, str(p), metadata={**meta, "pad": "x" * pad})
-        if p.read_bytes()[:1] == b"\x80":
-            break
-    assert p.read_bytes()[:1] == b"\x80"
-    model = fresh()
-    ll.load(model, p)
-    assert torch.equal(model(x), out)
-
-
 def test_empty_truncated_corrupt_missing(trained, tmp_path, x):
     path, _ = trained
     data = path.read_bytes()

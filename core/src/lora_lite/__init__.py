@@ -20,6 +20,8 @@ from .errors import (
     ConfigError,
     ForwardError,
     LoraLiteError,
+    MissingDependencyError,
+    ModelLoadError,
     NotAttachedError,
     PeftInteropError,
     PluginError,
@@ -43,7 +45,8 @@ except PackageNotFoundError:  # running from a source tree without an install
 __all__ = [
     "AlreadyAttachedError", "AttachError", "Attachment", "CalibrationError", "CheckpointError",
     "CheckpointFormatError", "CheckpointMismatchError", "ConfigError", "ForwardError", "LayerKind",
-    "LoraLiteConfig", "LoraLiteError", "NotAttachedError", "ParamSpec", "PeftInteropError", "PluginError", "ROLES", "Target",
+    "LoraLiteConfig", "LoraLiteError", "MissingDependencyError", "ModelLoadError", "NotAttachedError", "ParamSpec",
+    "PeftInteropError", "PluginError", "ROLES", "Target",
     "TargetingError", "UnknownVariantError", "WeightAccessError", "attach", "attachments", "broken_plugins",
     "dense_weight", "detach", "export_peft", "find_targets", "get_variant", "hookimpl", "hookspec", "import_peft", "is_quantized",
     "list_variants", "load", "read_checkpoint", "register", "register_layer_kind", "reload_plugins",

@@ -128,8 +128,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[list[dict[str, Any]], dict
         head = fh.read(16)
     if not head:
         raise CheckpointFormatError(f"{path} is empty; it is not a lora-lite checkpoint.")
-    # safetensors = 8-byte header length + a JSON header, so byte 8 is "{"; only without
-    # it do the pickle / zip magics mean anything (a header length can end in 0x80)
+    # safetensors: an 8-byte little-endian header length, then the JSON header's "{"; the
+    # length's low byte may be 0x80 or spell "PK", so only a file without that "{" is a pickle/zip
     if head[8:9] != b"{" and (head[:1] == b"\x80" or head[:2] == b"PK"):
         raise CheckpointFormatError(
             f"{path} looks like a pickle/torch.save file. lora-lite never unpickles (it can execute code); "

@@ -64,3 +64,11 @@ class ForwardError(LoraLiteError):
 
 class PeftInteropError(LoraLiteError):
     """An adapter cannot be converted to or from PEFT's format without changing its math."""
+
+
+class MissingDependencyError(LoraLiteError, ImportError):
+    """An optional dependency (transformers, matplotlib, tqdm, ...) is not installed."""
+
+
+class ModelLoadError(LoraLiteError):
+    """A base model could not be loaded (no such path, not cached while offline, bad files)."""

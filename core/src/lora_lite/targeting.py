@@ -86,6 +86,7 @@ def find_targets(model: nn.Module, cfg: LoraLiteConfig) -> list[Target]:
     linears = linear_like_modules(model)
     d_model = infer_d_model(model, linears)
     wanted_roles = set(cfg.target_roles) or {"reader", "writer", "inner"}
+    tied = _embedding_weight_ids(model)
     targets = []
     for name, layer in linears:
         d_in, d_out = features(layer)
@@ -93,8 +94,11 @@ def find_targets(model: nn.Module, cfg: LoraLiteConfig) -> list[Target]:
         block = block_index(name)
         if any(re.search(p, name) for p in cfg.exclude_names):
             continue
-        if cfg.target_names and not any(re.search(p, name) for p in cfg.target_names):
+        named = any(re.search(p, name) for p in cfg.target_names)
+        if cfg.target_names and not named:
             continue
+        if id(getattr(layer, "weight", None)) in tied and not named:
+            continue  # an output head sharing the input embeddings' tensor (BERT's cls...decoder)
         if not roles & wanted_roles:
             continue
         if cfg.layers is not None and block not in cfg.layers:
@@ -103,6 +107,13 @@ def find_targets(model: nn.Module, cfg: LoraLiteConfig) -> list[Target]:
     if not targets:
         raise TargetingError(_no_match_message(cfg, linears, d_model))
     return targets
+
+
+def _embedding_weight_ids(model: nn.Module) -> set[int]:
+    """ids of input-embedding weights. A linear holding one of them is a tied output head:
+    like ``lm_head`` it is skipped unless ``target_names`` names it, because a variant that
+    rewrites its weight (PiSSA) would rewrite the embeddings too."""
+    return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
 
 
 def _no_match_message(cfg: LoraLiteConfig, linears: list[tuple[str, nn.Module]], d_model: int) -> str:
