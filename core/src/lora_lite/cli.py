@@ -24,6 +24,7 @@ from typing import Any
 
 from . import __version__
 from .errors import LoraLiteError, MissingDependencyError
+from .peft_interop import add_cli_commands as add_peft_commands
 
 PROBE_EXTRA = "pip install 'lora-lite-core[probe]'"
 
@@ -263,7 +264,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 # -- entry point -------------------------------------------------------------------------
 
-COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_variants, _add_probe, _add_inspect)
+COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _add_variants, _add_probe, _add_inspect, add_peft_commands,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -316,12 +316,10 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, dtype: torch.
 
 
 def _load_hf_model(name_or_path: str) -> nn.Module:
-    try:
-        from transformers import AutoModelForCausalLM
-    except ImportError:
-        raise SystemExit("export-peft/import-peft load the base model with transformers: pip install transformers") from None
+    # raises MissingDependencyError (no transformers) or ModelLoadError, both typed
+    from .hf import load_causal_lm
 
-    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
+    return load_causal_lm(name_or_path)
 
 
 def _cli_export(args: argparse.Namespace) -> int:
