@@ -31,7 +31,16 @@ from .params import ParamSpec
 from .plugins import broken_plugins, get_variant, list_variants, register, reload_plugins, unregister
 from .runtime import Attachment, attach, attachments, detach
 from .targeting import Target, find_targets
-from .weights import LayerKind, dense_weight, is_quantized, register_layer_kind, replace_dense_weight
+from .weights import (
+    LayerKind,
+    dense_weight,
+    is_quantized,
+    layer_kind,
+    layer_kinds,
+    register_layer_kind,
+    replace_dense_weight,
+    unregister_layer_kind,
+)
 
 try:
     __version__ = _version("lora-lite-core")
@@ -44,6 +53,6 @@ __all__ = [
     "LoraLiteConfig", "LoraLiteError", "NotAttachedError", "ParamSpec", "PluginError", "ROLES", "Target",
     "TargetingError", "UnknownVariantError", "WeightAccessError", "attach", "attachments", "broken_plugins",
     "dense_weight", "detach", "find_targets", "get_variant", "hookimpl", "hookspec", "is_quantized",
-    "list_variants", "load", "read_checkpoint", "register", "register_layer_kind", "reload_plugins",
-    "replace_dense_weight", "save", "unregister", "__version__",
+    "layer_kind", "layer_kinds", "list_variants", "load", "read_checkpoint", "register", "register_layer_kind", "reload_plugins",
+    "replace_dense_weight", "save", "unregister", "unregister_layer_kind", "__version__",
 ]
