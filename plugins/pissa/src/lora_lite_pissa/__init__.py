@@ -27,7 +27,8 @@ can only be stored by requantizing it. ``quantized="requantize"`` opts in: the S
 on the dequantized weight ``W_q`` and ``W_res`` is stored requantized, so identity at
 init holds only up to the requantization error ``Q(W_res) - W_res`` (of the order of
 the layer's own quantization error). Each such layer records it as
-``layer.lora_requant_error`` (max abs, relative to ``max |W_q|``) and warns with it.
+``layer.lora_requant_error`` (max abs, relative to ``max |W_q|``) and a warning
+points there.
 """
 
 from __future__ import annotations
@@ -109,8 +110,8 @@ class PiSSA:
             err = (ll.dense_weight(layer).float() + scale * stored - w32).abs().max() / w32.abs().max()
             layer.lora_requant_error = float(err)
             warnings.warn(
-                f"pissa requantized W_res of a {type(layer).__name__}: the adapted layer differs from the "
-                f"dequantized base by max |dW| = {float(err):.2e} of max |W| at init.",
+                "pissa stored W_res requantized: identity at init holds only up to the requantization error, "
+                "recorded per layer as layer.lora_requant_error (max |W_res_q + s B A - W_q| / max |W_q|).",
                 stacklevel=2,
             )
 
