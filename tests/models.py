@@ -56,7 +56,11 @@ def quantize_linear(linear: torch.nn.Linear, setting: str) -> torch.nn.Module:
     else:
         q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False)
     q.load_state_dict(linear.state_dict())
-    return q.to(linear.weight.device)  # bitsandbytes quantizes on .to(device)
+    # bitsandbytes quantizes on .to(device). The layer stays in training mode (bnb's
+    # default): in eval mode on AVX512-BF16 CPUs bnb 0.50 repacks 4-bit weights, and the
+    # repacking fails for in_features < 64 or out_features not a multiple of 32 (this
+    # hidden-32 model); that path is tested on its own in test_layers_bnb.py.
+    return q.to(linear.weight.device)
 
 
 def quantize_linears(model: torch.nn.Module, setting: str, skip: tuple[str, ...] = ("lm_head",)) -> torch.nn.Module:

@@ -112,9 +112,10 @@ class HFQuantizedKit(LayerKindKit):
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
         q = BitsAndBytesConfig(**self.quantization)
+        # training mode (dropout is 0): see quantize_linear on bnb's eval-mode CPU repacking
         return AutoModelForCausalLM.from_pretrained(
             self.path, quantization_config=q, device_map="cpu", dtype=torch.float32
-        ).eval()
+        ).train()
 
 
 HF_QUANT = {
@@ -146,3 +147,23 @@ def test_matrix_models_are_really_quantized():
         layer = model.model.layers[0].self_attn.q_proj
         assert type(layer).__name__ == ("Linear4bit" if "4" in setting else "Linear8bitLt")
         assert layer.weight.dtype in (torch.bfloat16, torch.int8)
+
+
+def test_an_adapter_loads_after_bnb_repacked_the_model_for_cpu_inference(tmp_path):
+    """bnb repacks 4-bit layers on the first inference forward on AVX512-BF16 CPUs (and
+    rounds their block scales to bf16); the base-weight fingerprint must not change."""
+    model = quantize_linears(tiny_qwen3(), "bnb-nf4")
+    ll.attach(model, ll.LoraLiteConfig(variant="lora", r=2))
+    path = ll.save(model, tmp_path / "a.safetensors")
+    ll.detach(model)
+    # bnb can repack only layers with in_features >= 64 and out_features % 32 == 0: down_proj here
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit) and m.in_features >= 64]
+    assert len(layers) == 2
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = True  # bnb's own path, whatever this CPU is
+        layer.eval()
+    with torch.no_grad():
+        model(**token_batch())
+    assert all(layer.weight.quant_state.packing_format_for_cpu for layer in layers)
+    (att,) = ll.load(model, path)
+    assert len(att.targets) == 14

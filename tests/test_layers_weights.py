@@ -55,21 +55,29 @@ def test_4bit_reads_the_dequantized_weight_for_every_storage(quant_type, storage
     assert ll.layer_kind(q).name == "bnb-4bit" and ll.is_quantized(q)
 
 
-def test_4bit_reads_bnbs_cpu_packed_inference_layout():
+@pytest.mark.parametrize("nested", [True, False])
+def test_4bit_reads_bnbs_cpu_packed_inference_layout(nested):
     """On AVX512-BF16 CPUs bnb repacks 4-bit weights in place on the first eval forward
-    (and rounds the block scales to bf16). Its kernel needs that CPU, so only the read is
-    checked here: it must undo the packing on copies and leave the layer as it was."""
-    q = _linear4bit(_linear(64, 64), "nf4", torch.uint8).eval()
+    and computes with bf16 block scales. Its kernel needs that CPU, so the read is checked
+    against the packed state itself: exact scales, layer untouched, fingerprint unchanged."""
+    lin = _linear(64, 64)
+    q = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type="nf4", compress_statistics=nested)
+    q.load_state_dict(lin.state_dict())
+    q = q.to("cpu").eval()
     unpacked = ll.dense_weight(q).clone()
+    fingerprint = weights.weight_fingerprint_tensor(q).clone()
     q.support_avx512bf16_for_cpu = True  # take bnb's own packing path whatever this CPU is
     with torch.no_grad():
         q(torch.randn(3, 64))
-    assert q.weight.quant_state.packing_format_for_cpu and q.weight.shape == (64, 32)
+    state = q.weight.quant_state
+    assert state.packing_format_for_cpu and q.weight.shape == (64, 32) and state.absmax.dtype == torch.bfloat16
     storage = q.weight.data.clone()
     w = ll.dense_weight(q)
-    assert w.shape == (64, 64)
-    # equal up to the bf16 rounding of the absmax scales (2^-9 relative)
+    assert w.shape == (64, 64) and w.dtype == torch.float32
+    # same codes, and each block's scale is the bf16 one the packed kernel computes with
+    assert torch.equal(w, fingerprint)
     assert 0 < (w - unpacked).abs().max() <= 2**-8 * unpacked.abs().max()
+    assert torch.equal(weights.weight_fingerprint_tensor(q), fingerprint), "repacking changed the fingerprint"
     assert torch.equal(q.weight.data, storage) and q.weight.quant_state.packing_format_for_cpu, "read mutated the layer"
 
 

@@ -54,6 +54,9 @@ class LayerKind:
         (requantizing if ``quantized``) and returns a no-argument function that puts the
         ORIGINAL storage back exactly; ``None`` when the kind cannot take a new weight.
     :param quantized: whether the storage is quantized (a write then loses precision).
+    :param fingerprint: ``layer -> Tensor`` identifying the base weight for checkpoint
+        checks, for storages that the owning library re-lays out in place (lossily);
+        ``None`` uses ``read``.
     """
 
     name: str
@@ -62,6 +65,7 @@ class LayerKind:
     read: Callable[[nn.Module], torch.Tensor]
     write: Callable[[nn.Module, torch.Tensor], Undo] | None = None
     quantized: bool = False
+    fingerprint: Callable[[nn.Module], torch.Tensor] | None = None
 
 
 def _swap_data(param: torch.Tensor, new: torch.Tensor) -> Undo:
@@ -136,39 +140,69 @@ def _bnb_error(layer: nn.Module, what: str) -> WeightAccessError:
     )
 
 
-def _bnb_4bit_codes(layer: nn.Module):
-    """``(codes, quant_state)`` in bnb's canonical layout (copies if bnb packed them for CPU)."""
+@dataclass(frozen=True)
+class _FourBit:
+    """A 4-bit layer's codes and block scales in bnb's canonical layout."""
+
+    codes: torch.Tensor  # packed nibbles, (n, 1) in the quant storage dtype
+    absmax: torch.Tensor  # float32 scale per block, nested statistics already expanded
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int
+    quant_type: str
+    nested: bool
+
+
+def _four_bit(layer: nn.Module) -> _FourBit:
     w = layer.weight
     state = getattr(w, "quant_state", None) or getattr(layer, "quant_state", None)
     if not getattr(w, "bnb_quantized", False) or state is None:
         raise _bnb_error(layer, "is not quantized yet (no quant_state): its storage holds unquantized values")
-    if getattr(state, "packing_format_for_cpu", False):
-        # bnb repacks for AVX512-BF16 CPU inference in place; undo that on copies
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    import bitsandbytes.functional as bnbf
 
-        return _convert_weight_packed_for_cpu_inverse(w.data.clone(), copy.deepcopy(state))
-    return w.data, state
+    if getattr(state, "packing_format_for_cpu", False):
+        # bnb repacked the codes in place for AVX512-BF16 CPU inference and keeps the
+        # scales it computes with as bf16 (N, K / blocksize).T; undo the layout on copies
+        codes, _ = bnbf._convert_weight_packed_for_cpu_inverse(w.data.clone(), copy.deepcopy(state))
+        return _FourBit(
+            codes, state.absmax.T.reshape(-1).float(), state.shape, state.original_dtype,
+            state.blocksize, state.quant_type, state.original_nested,
+        )
+    absmax = state.absmax
+    if state.nested:
+        absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    return _FourBit(w.data, absmax.float(), state.shape, state.dtype, state.blocksize, state.quant_type, state.nested)
+
+
+def _dequantize(q: _FourBit, absmax: torch.Tensor) -> torch.Tensor:
+    from bitsandbytes.functional import QuantState, dequantize_4bit
+
+    state = QuantState(absmax=absmax, shape=q.shape, blocksize=q.blocksize, quant_type=q.quant_type, dtype=q.dtype)
+    return dequantize_4bit(q.codes, state)
 
 
 def _read_4bit(layer: nn.Module) -> torch.Tensor:
-    from bitsandbytes.functional import dequantize_4bit
+    q = _four_bit(layer)
+    return _dequantize(q, q.absmax)
 
-    codes, state = _bnb_4bit_codes(layer)
-    return dequantize_4bit(codes, state)
+
+def _fingerprint_4bit(layer: nn.Module) -> torch.Tensor:
+    # bnb's CPU repacking rounds the block scales to bf16; round them always, so the
+    # same weights have the same fingerprint whether or not inference has repacked them
+    q = _four_bit(layer)
+    return _dequantize(q, q.absmax.to(torch.bfloat16).float())
 
 
 def _write_4bit(layer: nn.Module, new: torch.Tensor) -> Undo:
     from bitsandbytes.functional import quantize_4bit
 
-    w = layer.weight
-    codes, state = _bnb_4bit_codes(layer)
+    w, q = layer.weight, _four_bit(layer)
     old = (w.data, w.quant_state, getattr(layer, "quant_state", None))
-    q, q_state = quantize_4bit(
-        new.detach().to(device=codes.device, dtype=state.dtype).contiguous(),
-        blocksize=state.blocksize, compress_statistics=state.nested,
-        quant_type=state.quant_type, quant_storage=codes.dtype,
+    codes, state = quantize_4bit(
+        new.detach().to(device=q.codes.device, dtype=q.dtype).contiguous(),
+        blocksize=q.blocksize, compress_statistics=q.nested, quant_type=q.quant_type, quant_storage=q.codes.dtype,
     )
-    w.data, w.quant_state, layer.quant_state = q, q_state, q_state
+    w.data, w.quant_state, layer.quant_state = codes, state, state
 
     def undo() -> None:
         w.data, w.quant_state, layer.quant_state = old
@@ -176,14 +210,14 @@ def _write_4bit(layer: nn.Module, new: torch.Tensor) -> Undo:
     return undo
 
 
-def _bnb_kind(name: str, layer_cls: str, param_cls: str, read, write) -> LayerKind:
+def _bnb_kind(name: str, layer_cls: str, param_cls: str, read, write, fingerprint=None) -> LayerKind:
     return LayerKind(
         name=name, matches=lambda layer: _is_bnb(layer, layer_cls, param_cls),
-        features=_in_out, read=read, write=write, quantized=True,
+        features=_in_out, read=read, write=write, quantized=True, fingerprint=fingerprint,
     )
 
 
-BNB_4BIT = _bnb_kind("bnb-4bit", "Linear4bit", "Params4bit", _read_4bit, _write_4bit)
+BNB_4BIT = _bnb_kind("bnb-4bit", "Linear4bit", "Params4bit", _read_4bit, _write_4bit, _fingerprint_4bit)
 
 
 def _int8_scales(layer: nn.Module) -> torch.Tensor:
@@ -326,6 +360,12 @@ def _kind_or_raise(layer: nn.Module) -> LayerKind:
 def dense_weight(layer: nn.Module) -> torch.Tensor:
     """The layer's weight as real numbers, shape ``(d_out, d_in)``. Do not mutate it."""
     return _kind_or_raise(layer).read(layer)
+
+
+def weight_fingerprint_tensor(layer: nn.Module) -> torch.Tensor:
+    """The tensor a checkpoint's base-weight fingerprint is computed from (see ``LayerKind.fingerprint``)."""
+    kind = _kind_or_raise(layer)
+    return (kind.fingerprint or kind.read)(layer)
 
 
 def is_quantized(layer: nn.Module) -> bool:
