@@ -52,7 +52,9 @@ def init(layer, cfg):
     :func:`lora_lite.dense_weight`, never ``layer.weight.data``: quantized layers then
     give real numbers or a clear error. A variant that changes the base weight must do
     so through :func:`lora_lite.replace_dense_weight`, which records the original so
-    that ``detach`` restores it exactly. Derived constants (scalings) may be stored as
+    that ``detach`` restores it exactly; on a quantized layer
+    (:func:`lora_lite.is_quantized`) that write requantizes, so it needs an explicit
+    ``requantize=True`` and the variant should make it an opt-in knob. Derived constants (scalings) may be stored as
     plain attributes named ``lora_*``; the runtime removes them on detach.
 
     Optional. If it raises, the whole attach is rolled back.
