@@ -24,7 +24,7 @@ import torch
 
 import lora_lite as ll
 
-from .models import quantize_linears, tiny_gpt2, tiny_qwen3, token_batch
+from .models import quantize_linears, tiny_gpt2, tiny_qwen3
 from .test_every_variant import Qwen3Kit, kit_for
 
 # column -> (architecture, bnb setting or None)

@@ -11,7 +11,7 @@ import torch
 
 import lora_lite as ll
 
-from .layer_support import LayerKindKit, make_model, same_state
+from .layer_support import KINDS, LayerKindKit, make_model, same_state
 from .models import quantize_linears, tiny_qwen3, token_batch
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -142,11 +142,13 @@ def test_transformers_bitsandbytes_config_on_cpu(variant, quant, check, saved_qw
 
 
 def test_matrix_models_are_really_quantized():
-    for kind, (_, setting) in [("bnb 4-bit nf4", ("", "bnb-nf4")), ("bnb 8-bit", ("", "bnb-int8"))]:
-        model = make_model(kind)
-        layer = model.model.layers[0].self_attn.q_proj
-        assert type(layer).__name__ == ("Linear4bit" if "4" in setting else "Linear8bitLt")
-        assert layer.weight.dtype in (torch.bfloat16, torch.int8)
+    expected = {"bnb-nf4": ("Linear4bit", torch.bfloat16), "bnb-fp4": ("Linear4bit", torch.uint8),
+                "bnb-int8": ("Linear8bitLt", torch.int8)}
+    for kind, (_, setting) in KINDS.items():
+        if setting:
+            layers = [m for m in make_model(kind).modules() if ll.layer_kind(m) and ll.is_quantized(m)]
+            assert len(layers) == 14
+            assert {(type(m).__name__, m.weight.dtype) for m in layers} == {expected[setting]}
 
 
 def test_an_adapter_loads_after_bnb_repacked_the_model_for_cpu_inference(tmp_path):

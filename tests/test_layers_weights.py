@@ -13,7 +13,6 @@ import lora_lite as ll
 from lora_lite import plugins, weights
 
 from .layer_support import same_bits
-from .models import quantize_linear
 
 bnb = pytest.importorskip("bitsandbytes")
 F = pytest.importorskip("bitsandbytes.functional")
