@@ -35,7 +35,16 @@ from .peft_interop import export_peft, import_peft
 from .plugins import broken_plugins, get_variant, list_variants, register, reload_plugins, unregister
 from .runtime import Attachment, attach, attachments, detach
 from .targeting import Target, find_targets
-from .weights import LayerKind, dense_weight, is_quantized, register_layer_kind, replace_dense_weight
+from .weights import (
+    LayerKind,
+    dense_weight,
+    is_quantized,
+    layer_kind,
+    layer_kinds,
+    register_layer_kind,
+    replace_dense_weight,
+    unregister_layer_kind,
+)
 
 try:
     __version__ = _version("lora-lite-core")
@@ -48,7 +57,8 @@ __all__ = [
     "LoraLiteConfig", "LoraLiteError", "MissingDependencyError", "ModelLoadError", "NotAttachedError", "ParamSpec",
     "PeftInteropError", "PluginError", "ROLES", "Target",
     "TargetingError", "UnknownVariantError", "WeightAccessError", "attach", "attachments", "broken_plugins",
-    "dense_weight", "detach", "export_peft", "find_targets", "get_variant", "hookimpl", "hookspec", "import_peft", "is_quantized",
-    "list_variants", "load", "read_checkpoint", "register", "register_layer_kind", "reload_plugins",
-    "replace_dense_weight", "save", "unregister", "__version__",
+    "dense_weight", "detach", "export_peft", "find_targets", "get_variant", "hookimpl", "hookspec", "import_peft",
+    "is_quantized", "layer_kind", "layer_kinds", "list_variants", "load", "read_checkpoint", "register",
+    "register_layer_kind", "reload_plugins", "replace_dense_weight", "save", "unregister", "unregister_layer_kind",
+    "__version__",
 ]

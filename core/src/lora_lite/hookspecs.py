@@ -52,7 +52,9 @@ def init(layer, cfg, targets):
     :func:`lora_lite.dense_weight`, never ``layer.weight.data``: quantized layers then
     give real numbers or a clear error. A variant that changes the base weight must do
     so through :func:`lora_lite.replace_dense_weight`, which records the original so
-    that ``detach`` restores it exactly. Derived constants (scalings) may be stored as
+    that ``detach`` restores it exactly; on a quantized layer
+    (:func:`lora_lite.is_quantized`) that write requantizes, so it needs an explicit
+    ``requantize=True`` and the variant should make it an opt-in knob. Derived constants (scalings) may be stored as
     plain attributes named ``lora_*``; the runtime removes them on detach.
 
     Optional. If it raises, the whole attach is rolled back.
@@ -121,3 +123,34 @@ def forward_input(layer, x):
     :param x: the layer's first positional input, shape ``(..., d_in)``.
     :returns: the new input, same shape and dtype as ``x``.
     """
+
+
+class LayerKindHooks:
+    """The layer-kind contract: teach lora-lite how a layer stores its weight.
+
+    A separate namespace from the variant hooks above. A distribution that adds, say,
+    HQQ or torchao layers exposes an object (module or class) with this hook in the
+    entry-point group ``lora_lite.layer_kinds``::
+
+        [project.entry-points."lora_lite.layer_kinds"]
+        hqq = "lora_lite_hqq:HQQKinds"
+
+    It is loaded at discovery with the same isolation as variants: a plugin that fails
+    to import, has no ``layer_kinds`` hook, returns something other than LayerKinds or
+    reuses a registered kind's name is listed in ``lora_lite.broken_plugins()`` and
+    skipped. In a notebook, :func:`lora_lite.register_layer_kind` does the same directly.
+    """
+
+    @hookspec
+    def layer_kinds(self):
+        """Return the layer kinds this plugin provides.
+
+        Called once per plugin at discovery (not per layer, not on the forward path).
+        Each kind is tried before the built-in ones, so a plugin can claim layers that
+        the structural ``linear`` kind would otherwise accept.
+
+        :returns: ``list[lora_lite.LayerKind]``; each ``read`` must give real numbers of
+            shape ``(d_out, d_in)`` (dequantize; never return raw storage), each
+            ``write`` (optional) must return an undo function that restores the
+            original storage exactly.
+        """

@@ -43,7 +43,7 @@ from .errors import NotAttachedError, PeftInteropError
 from .plugins import list_variants
 from .runtime import Attachment, attach, attachments
 from .targeting import block_index, linear_like_modules
-from .weights import original_weight
+from .weights import dense_weight, original_weight
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -72,7 +72,7 @@ def _pissa_as_lora_delta(att: Attachment, name: str, t: Tensors) -> tuple[Tensor
     layer = dict(zip(att.target_names, (x.layer for x in att.targets)))[name]
     s, r = att.cfg.alpha / att.cfg.r, att.cfg.r
     w0 = _full_cpu(original_weight(layer)).double()
-    w_res = _full_cpu(layer.weight).double()
+    w_res = _full_cpu(dense_weight(layer)).double()
     u, sv, vh = torch.linalg.svd((w0 - w_res) / s, full_matrices=False)  # = B0 A0, rank r
     root = sv[:r].sqrt()
     a0, b0 = (root[:, None] * vh[:r]).to(t["lora_A"].dtype), (u[:, :r] * root).to(t["lora_B"].dtype)

@@ -2,8 +2,11 @@
 
 Variants are found in the entry-point group ``lora_lite.variants`` (one entry point per
 distribution, pointing at the variant class or module) and through ``@lora_lite.register``
-for notebooks. A plugin that fails to import or to validate is recorded with its
-distribution, version and error and skipped; every other variant keeps working.
+for notebooks. Layer kinds (how a layer stores its weight, see :mod:`lora_lite.weights`)
+are found in the group ``lora_lite.layer_kinds`` (objects implementing the
+``layer_kinds`` hook of :class:`lora_lite.hookspecs.LayerKindHooks`). A plugin that
+fails to import or to validate is recorded with its distribution, version and error and
+skipped; everything else keeps working.
 
 Environment variables (read at discovery):
 
@@ -25,9 +28,11 @@ import pluggy
 
 from . import hookspecs
 from .config import LoraLiteConfig
-from .errors import PluginError, UnknownVariantError
+from .errors import LoraLiteError, PluginError, UnknownVariantError
+from .weights import LayerKind, register_layer_kind, unregister_layer_kind
 
 ENTRY_POINT_GROUP = "lora_lite.variants"
+LAYER_KIND_GROUP = "lora_lite.layer_kinds"
 HOOK_NAMES = ("param_specs", "init", "group_init", "forward", "forward_input")
 _REQUIRED = ("param_specs",)
 _ONE_OF = ("forward", "forward_input")
@@ -57,13 +62,17 @@ class BrokenPlugin:
     distribution: str | None
     version: str | None
     error: str
+    group: str = ENTRY_POINT_GROUP
 
 
 class _Registry:
     def __init__(self) -> None:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self.pm.add_hookspecs(hookspecs)
+        self.kinds_pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        self.kinds_pm.add_hookspecs(hookspecs.LayerKindHooks)
         self.variants: dict[str, VariantInfo] = {}
+        self.entry_point_kinds: list[str] = []
         self.broken: list[BrokenPlugin] = []
         self.discovered = False
 
@@ -153,22 +162,58 @@ def _unregister(name: str) -> None:
     _registry.pm.unregister(info.plugin)
 
 
-def _discover() -> None:
-    if _registry.discovered:
-        return
-    _registry.discovered = True
+def _register_layer_kinds(plugin: Any, name: str) -> list[str]:
+    """Register the kinds ``plugin``'s ``layer_kinds`` hook returns; all or none."""
+    pm = _registry.kinds_pm
+    try:
+        pm.register(plugin, name=f"lora_lite.layer_kinds.{name}")
+    except pluggy.PluginValidationError as err:
+        raise PluginError(f"layer-kind plugin {name!r} has a hook that does not match the contract: {err}") from err
+    added: list[str] = []
+    try:
+        impls = [i for i in pm.hook.layer_kinds.get_hookimpls() if i.plugin is plugin]
+        if not impls:
+            raise PluginError(f"layer-kind plugin {name!r} has no @lora_lite.hookimpl layer_kinds() hook.")
+        kinds = impls[0].function()
+        if not isinstance(kinds, (list, tuple)) or not all(isinstance(k, LayerKind) for k in kinds):
+            raise PluginError(f"layer-kind plugin {name!r}: layer_kinds() must return a list of LayerKind, got {kinds!r}.")
+        for kind in kinds:
+            register_layer_kind(kind)
+            added.append(kind.name)
+    except LoraLiteError:
+        for kind_name in added:
+            unregister_layer_kind(kind_name)
+        pm.unregister(plugin)
+        raise
+    return added
+
+
+def _entry_points(group: str):
     only = _env_names("LORA_LITE_PLUGINS")
     disabled = _env_names("LORA_LITE_DISABLE_PLUGINS") or set()
-    for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+    for ep in sorted(metadata.entry_points(group=group), key=lambda e: e.name):
         dist = ep.dist.name if ep.dist is not None else None
         version = ep.dist.version if ep.dist is not None else None
         names = {ep.name, dist}
         if names & disabled or (only is not None and not names & only):
             continue
+        yield ep, dist, version
+
+
+def _discover() -> None:
+    if _registry.discovered:
+        return
+    _registry.discovered = True
+    for ep, dist, version in _entry_points(LAYER_KIND_GROUP):
+        try:
+            _registry.entry_point_kinds += _register_layer_kinds(ep.load(), ep.name)
+        except Exception as err:  # isolation: one broken plugin must not hide the others
+            _registry.broken.append(BrokenPlugin(ep.name, dist, version, f"{type(err).__name__}: {err}", LAYER_KIND_GROUP))
+    for ep, dist, version in _entry_points(ENTRY_POINT_GROUP):
         try:
             plugin = ep.load()
             _register(plugin, distribution=dist or "?", version=version, replace=False)
-        except Exception as err:  # isolation: one broken plugin must not hide the others
+        except Exception as err:
             _registry.broken.append(BrokenPlugin(ep.name, dist, version, f"{type(err).__name__}: {err}"))
 
 
@@ -227,6 +272,11 @@ def reload_plugins() -> None:
     """Forget discovered entry points and scan again (in-process registrations are kept)."""
     global _registry
     keep = [v for v in _registry.variants.values() if v.distribution is None]
+    for kind_name in _registry.entry_point_kinds:
+        try:
+            unregister_layer_kind(kind_name)
+        except LoraLiteError:  # already unregistered by hand
+            pass
     _registry = _Registry()
     _discover()
     for info in keep:

@@ -27,7 +27,7 @@ from .errors import (
 from .params import ParamSpec
 from .plugins import VariantInfo, get_variant
 from .targeting import Target, find_targets
-from .weights import dense_weight, restore_dense_weight
+from .weights import restore_dense_weight, weight_fingerprint_tensor
 
 _STATE_ATTR = "_lora_lite"
 _OWNED_PREFIXES = ("lora_", "_lora_lite")
@@ -108,7 +108,7 @@ def attachments(model: nn.Module) -> list[Attachment]:
 def _weight_fingerprint(layer: nn.Module) -> list[float]:
     """Cheap identity of a base weight: float64 sum and sum of squares of the dense weight."""
     try:
-        w = dense_weight(layer)
+        w = weight_fingerprint_tensor(layer)
     except LoraLiteError:
         w = layer.weight
     with torch.no_grad():

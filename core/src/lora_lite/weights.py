@@ -1,18 +1,32 @@
 """Layer kinds: the one place that knows how a target layer stores its weight.
 
 Variants never touch ``layer.weight.data``. They call :func:`dense_weight` (a
-``(d_out, d_in)`` tensor of real numbers) and, if they mutate the base,
-:func:`replace_dense_weight` (which records the original so ``detach`` restores it
-exactly). A layer whose storage no registered kind understands raises
-:class:`WeightAccessError`: reading packed or integer storage as if it were a weight is
-impossible by construction, because the plain kind only accepts a floating
-``torch.nn.Parameter`` of shape ``(d_out, d_in)`` and nothing subclassing it.
+``(d_out, d_in)`` tensor of real numbers, dequantized if the layer is quantized) and, if
+they mutate the base, :func:`replace_dense_weight` (which keeps an exact undo so
+``detach`` restores the original storage bit for bit). A layer whose storage no
+registered kind understands raises :class:`WeightAccessError`: reading packed or integer
+storage as if it were a weight is impossible by construction, because every kind matches
+on the layer's class and storage type, and the plain kind only accepts a floating
+``torch.nn.Parameter`` (not a subclass such as bnb's ``Params4bit``/``Int8Params``) of
+shape ``(d_out, d_in)``.
 
-New storage formats plug in with :func:`register_layer_kind`.
+Built-in kinds: ``linear`` (``nn.Linear`` and anything with a plain float weight and
+``in_features``/``out_features``), ``conv1d`` (transformers' GPT-2 ``Conv1D``, weight
+stored ``(d_in, d_out)``), ``bnb-4bit`` (bitsandbytes ``Linear4bit``, nf4/fp4, any quant
+storage dtype, including bnb's CPU-packed inference layout) and ``bnb-8bit``
+(``Linear8bitLt``: int8 codes times their per-row scales). bitsandbytes and transformers
+are never imported here: a model can only contain their layers if they are already
+imported, so the kinds look them up in ``sys.modules``.
+
+New storage formats plug in with :func:`register_layer_kind` or, from an installed
+distribution, with a ``layer_kinds`` hook in the entry-point group
+``lora_lite.layer_kinds`` (see :mod:`lora_lite.hookspecs`).
 """
 
 from __future__ import annotations
 
+import copy
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,7 +35,10 @@ from torch import nn
 
 from .errors import WeightAccessError
 
-_BACKUP_ATTR = "_lora_lite_weight_backup"
+_UNDO_ATTR = "_lora_lite_weight_undo"
+_ORIGINAL_ATTR = "_lora_lite_weight_original"
+
+Undo = Callable[[], None]
 
 
 @dataclass(frozen=True)
@@ -29,62 +46,277 @@ class LayerKind:
     """How to read (and optionally write) the dense weight of one kind of layer.
 
     :param name: short label shown in errors and support tables.
-    :param matches: ``layer -> bool``.
+    :param matches: ``layer -> bool``. Match on the layer's class and its weight's
+        storage type, never on dtype alone (bnb can store 4-bit codes in float32).
     :param features: ``layer -> (d_in, d_out)``.
     :param read: ``layer -> Tensor (d_out, d_in)``, real numbers (dequantized if needed).
-    :param write: ``(layer, Tensor (d_out, d_in)) -> None`` or ``None`` when the kind
-        cannot take a new dense weight (quantized storage without requantization).
-    :param quantized: whether the storage is quantized.
+        Raise :class:`WeightAccessError` if the layer is in a state it cannot be read in.
+    :param write: ``(layer, Tensor (d_out, d_in)) -> undo`` stores a new dense weight
+        (requantizing if ``quantized``) and returns a no-argument function that puts the
+        ORIGINAL storage back exactly; ``None`` when the kind cannot take a new weight.
+    :param quantized: whether the storage is quantized (a write then loses precision).
+    :param fingerprint: ``layer -> Tensor`` identifying the base weight for checkpoint
+        checks, for storages that the owning library re-lays out in place (lossily);
+        ``None`` uses ``read``.
     """
 
     name: str
     matches: Callable[[nn.Module], bool]
     features: Callable[[nn.Module], tuple[int, int]]
     read: Callable[[nn.Module], torch.Tensor]
-    write: Callable[[nn.Module, torch.Tensor], None] | None = None
+    write: Callable[[nn.Module, torch.Tensor], Undo] | None = None
     quantized: bool = False
+    fingerprint: Callable[[nn.Module], torch.Tensor] | None = None
 
 
-def _is_plain_float_weight(layer: nn.Module) -> bool:
-    w = getattr(layer, "weight", None)
+def _swap_data(param: torch.Tensor, new: torch.Tensor) -> Undo:
+    old = param.data
+    param.data = new.to(dtype=old.dtype, device=old.device)
+    return lambda: setattr(param, "data", old)
+
+
+# -- plain floating weights --------------------------------------------------------------
+
+def _plain_float(w: object, shape: tuple[int, int]) -> bool:
+    return type(w) in (nn.Parameter, torch.Tensor) and w.is_floating_point() and tuple(w.shape) == shape
+
+
+def _is_plain_linear(layer: nn.Module) -> bool:
+    d_in, d_out = getattr(layer, "in_features", None), getattr(layer, "out_features", None)
     return (
-        type(w) in (nn.Parameter, torch.Tensor)
-        and w.is_floating_point()
-        and w.dim() == 2
-        and isinstance(getattr(layer, "in_features", None), int)
-        and isinstance(getattr(layer, "out_features", None), int)
-        and tuple(w.shape) == (layer.out_features, layer.in_features)
+        isinstance(d_in, int) and isinstance(d_out, int)
+        and _plain_float(getattr(layer, "weight", None), (d_out, d_in))
     )
 
 
-def _write_plain(layer: nn.Module, w: torch.Tensor) -> None:
-    layer.weight.data = w.to(dtype=layer.weight.dtype, device=layer.weight.device)
+def _in_out(layer: nn.Module) -> tuple[int, int]:
+    return layer.in_features, layer.out_features
 
 
 DENSE_LINEAR = LayerKind(
     name="linear",
-    matches=_is_plain_float_weight,
-    features=lambda layer: (layer.in_features, layer.out_features),
+    matches=_is_plain_linear,
+    features=_in_out,
     read=lambda layer: layer.weight,
-    write=_write_plain,
+    write=lambda layer, w: _swap_data(layer.weight, w),
 )
 
-_KINDS: list[LayerKind] = [DENSE_LINEAR]
+
+# -- transformers Conv1D (GPT-2): y = x @ W + b with W stored (d_in, d_out) --------------
+
+def _is_conv1d(layer: nn.Module) -> bool:
+    mod = sys.modules.get("transformers.pytorch_utils")
+    cls = getattr(mod, "Conv1D", None)
+    return (
+        cls is not None and isinstance(layer, cls)
+        and _plain_float(getattr(layer, "weight", None), (layer.nx, layer.nf))
+    )
+
+
+CONV1D = LayerKind(
+    name="conv1d",
+    matches=_is_conv1d,
+    features=lambda layer: (layer.nx, layer.nf),
+    read=lambda layer: layer.weight.T,
+    write=lambda layer, w: _swap_data(layer.weight, w.T.contiguous()),
+)
+
+
+# -- bitsandbytes ------------------------------------------------------------------------
+
+def _bnb_class(name: str) -> type | None:
+    return getattr(sys.modules.get("bitsandbytes.nn.modules"), name, None)
+
+
+def _is_bnb(layer: nn.Module, layer_cls: str, param_cls: str) -> bool:
+    cls, pcls = _bnb_class(layer_cls), _bnb_class(param_cls)
+    return cls is not None and isinstance(layer, cls) and isinstance(getattr(layer, "weight", None), pcls)
+
+
+def _bnb_error(layer: nn.Module, what: str) -> WeightAccessError:
+    return WeightAccessError(
+        f"{type(layer).__name__}({layer.in_features} -> {layer.out_features}) {what}. bitsandbytes quantizes a "
+        "layer when it is moved to a device (layer.to('cpu'), .cuda()) or loaded with a BitsAndBytesConfig; "
+        "quantize the model before attaching."
+    )
+
+
+@dataclass(frozen=True)
+class _FourBit:
+    """A 4-bit layer's codes and block scales in bnb's canonical layout."""
+
+    codes: torch.Tensor  # packed nibbles, (n, 1) in the quant storage dtype
+    absmax: torch.Tensor  # float32 scale per block, nested statistics already expanded
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int
+    quant_type: str
+    nested: bool
+
+
+def _four_bit(layer: nn.Module) -> _FourBit:
+    w = layer.weight
+    state = getattr(w, "quant_state", None) or getattr(layer, "quant_state", None)
+    if not getattr(w, "bnb_quantized", False) or state is None:
+        raise _bnb_error(layer, "is not quantized yet (no quant_state): its storage holds unquantized values")
+    import bitsandbytes.functional as bnbf
+
+    if getattr(state, "packing_format_for_cpu", False):
+        # bnb repacked the codes in place for AVX512-BF16 CPU inference and keeps the
+        # scales it computes with as bf16 (N, K / blocksize).T; undo the layout on copies
+        codes, _ = bnbf._convert_weight_packed_for_cpu_inverse(w.data.clone(), copy.deepcopy(state))
+        return _FourBit(
+            codes, state.absmax.T.reshape(-1).float(), state.shape, state.original_dtype,
+            state.blocksize, state.quant_type, state.original_nested,
+        )
+    absmax = state.absmax
+    if state.nested:
+        absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    return _FourBit(w.data, absmax.float(), state.shape, state.dtype, state.blocksize, state.quant_type, state.nested)
+
+
+def _dequantize(q: _FourBit, absmax: torch.Tensor) -> torch.Tensor:
+    from bitsandbytes.functional import QuantState, dequantize_4bit
+
+    state = QuantState(absmax=absmax, shape=q.shape, blocksize=q.blocksize, quant_type=q.quant_type, dtype=q.dtype)
+    return dequantize_4bit(q.codes, state)
+
+
+def _read_4bit(layer: nn.Module) -> torch.Tensor:
+    q = _four_bit(layer)
+    return _dequantize(q, q.absmax)
+
+
+def _fingerprint_4bit(layer: nn.Module) -> torch.Tensor:
+    # bnb's CPU repacking rounds the block scales to bf16; round them always, so the
+    # same weights have the same fingerprint whether or not inference has repacked them
+    q = _four_bit(layer)
+    return _dequantize(q, q.absmax.to(torch.bfloat16).float())
+
+
+def _write_4bit(layer: nn.Module, new: torch.Tensor) -> Undo:
+    from bitsandbytes.functional import quantize_4bit
+
+    w, q = layer.weight, _four_bit(layer)
+    old = (w.data, w.quant_state, getattr(layer, "quant_state", None))
+    codes, state = quantize_4bit(
+        new.detach().to(device=q.codes.device, dtype=q.dtype).contiguous(),
+        blocksize=q.blocksize, compress_statistics=q.nested, quant_type=q.quant_type, quant_storage=q.codes.dtype,
+    )
+    w.data, w.quant_state, layer.quant_state = codes, state, state
+
+    def undo() -> None:
+        w.data, w.quant_state, layer.quant_state = old
+
+    return undo
+
+
+def _bnb_kind(name: str, layer_cls: str, param_cls: str, read, write, fingerprint=None) -> LayerKind:
+    return LayerKind(
+        name=name, matches=lambda layer: _is_bnb(layer, layer_cls, param_cls),
+        features=_in_out, read=read, write=write, quantized=True, fingerprint=fingerprint,
+    )
+
+
+BNB_4BIT = _bnb_kind("bnb-4bit", "Linear4bit", "Params4bit", _read_4bit, _write_4bit, _fingerprint_4bit)
+
+
+def _int8_scales(layer: nn.Module) -> torch.Tensor:
+    # before the first forward bnb keeps the scales on the weight, afterwards on layer.state
+    w = layer.weight
+    scales = getattr(w, "SCB", None)
+    if scales is None:
+        scales = getattr(layer.state, "SCB", None)
+    if scales is None:
+        raise _bnb_error(layer, "holds int8 codes without their scales (SCB)")
+    return scales
+
+
+def _read_8bit(layer: nn.Module) -> torch.Tensor:
+    w = layer.weight
+    if layer.state.has_fp16_weights and w.is_floating_point():
+        return w.as_subclass(torch.Tensor)  # the fp master weight; bnb quantizes it on the fly in forward
+    if w.dtype != torch.int8:
+        raise _bnb_error(layer, f"is not quantized yet (weight dtype {w.dtype}, has_fp16_weights=False)")
+    from bitsandbytes.functional import int8_vectorwise_dequant
+
+    return int8_vectorwise_dequant(w.data, _int8_scales(layer))
+
+
+def _write_8bit(layer: nn.Module, new: torch.Tensor) -> Undo:
+    w, state = layer.weight, layer.state
+    old = (w.data, w.CB, w.SCB, state.CB, state.SCB)
+
+    def undo() -> None:
+        w.data, w.CB, w.SCB, state.CB, state.SCB = old
+
+    if state.has_fp16_weights and w.is_floating_point():
+        w.data = new.detach().to(dtype=w.dtype, device=w.device)
+        state.CB = state.SCB = None  # bnb caches the on-the-fly quantization in eval mode
+        return undo
+    _int8_scales(layer)
+    from bitsandbytes.functional import int8_vectorwise_quant
+
+    codes, scales, _ = int8_vectorwise_quant(new.detach().to(device=w.device, dtype=torch.float16).contiguous())
+    w.data = codes
+    if state.CB is not None:  # after the first forward bnb reads codes and scales from state
+        state.CB, state.SCB = codes, scales
+    else:
+        w.CB, w.SCB = codes, scales
+    return undo
+
+
+BNB_8BIT = _bnb_kind("bnb-8bit", "Linear8bitLt", "Int8Params", _read_8bit, _write_8bit)
+
+
+# -- registry ----------------------------------------------------------------------------
+
+BUILTIN_KINDS = (BNB_4BIT, BNB_8BIT, CONV1D, DENSE_LINEAR)
+_KINDS: list[LayerKind] = list(BUILTIN_KINDS)
+_discovered = False
+
+
+def _ensure_discovered() -> None:
+    """Load entry-point layer kinds once, before the first lookup."""
+    global _discovered
+    if not _discovered:
+        _discovered = True
+        from .plugins import _discover
+
+        _discover()
 
 
 def register_layer_kind(kind: LayerKind, *, first: bool = True) -> None:
-    """Teach lora-lite a new layer storage. Kinds registered later are tried first."""
+    """Teach lora-lite a new layer storage. With ``first`` (default) it is tried before
+    every kind registered so far, so it can claim layers a built-in kind would match."""
+    if not isinstance(kind, LayerKind):
+        raise WeightAccessError(f"register_layer_kind expects a lora_lite.LayerKind, got {type(kind).__name__}.")
     if any(k.name == kind.name for k in _KINDS):
-        raise WeightAccessError(f"a layer kind named {kind.name!r} is already registered.")
+        raise WeightAccessError(
+            f"a layer kind named {kind.name!r} is already registered; pick another name or "
+            "unregister_layer_kind() it first."
+        )
     _KINDS.insert(0 if first else len(_KINDS), kind)
 
 
+def unregister_layer_kind(name: str) -> None:
+    """Forget the layer kind called ``name`` (built-in ones included)."""
+    for i, kind in enumerate(_KINDS):
+        if kind.name == name:
+            del _KINDS[i]
+            return
+    raise WeightAccessError(f"no layer kind named {name!r} is registered; registered: {[k.name for k in _KINDS]}.")
+
+
 def layer_kinds() -> tuple[LayerKind, ...]:
+    """Every registered kind, in the order they are tried."""
+    _ensure_discovered()
     return tuple(_KINDS)
 
 
 def layer_kind(layer: nn.Module) -> LayerKind | None:
     """The registered kind of ``layer``, or ``None``."""
+    _ensure_discovered()
     for kind in _KINDS:
         if kind.matches(layer):
             return kind
@@ -121,7 +353,7 @@ def _kind_or_raise(layer: nn.Module) -> LayerKind:
             f"(weight type {type(w).__name__}, dtype {getattr(w, 'dtype', None)}): no registered layer "
             "kind understands its storage, and reading quantized or packed storage as a weight would give "
             "garbage. Use a variant that does not read weights (e.g. lora), or register a LayerKind with "
-            "lora_lite.register_layer_kind()."
+            "lora_lite.register_layer_kind() (or a `lora_lite.layer_kinds` entry point)."
         )
     return kind
 
@@ -131,36 +363,62 @@ def dense_weight(layer: nn.Module) -> torch.Tensor:
     return _kind_or_raise(layer).read(layer)
 
 
+def weight_fingerprint_tensor(layer: nn.Module) -> torch.Tensor:
+    """The tensor a checkpoint's base-weight fingerprint is computed from (see ``LayerKind.fingerprint``)."""
+    kind = _kind_or_raise(layer)
+    return (kind.fingerprint or kind.read)(layer)
+
+
 def is_quantized(layer: nn.Module) -> bool:
+    """Whether the layer's storage is quantized (or unknown, which counts as quantized)."""
     kind = layer_kind(layer)
     return kind is None or kind.quantized
 
 
-def replace_dense_weight(layer: nn.Module, new_weight: torch.Tensor) -> None:
+def replace_dense_weight(layer: nn.Module, new_weight: torch.Tensor, *, requantize: bool = False) -> None:
     """Overwrite the layer's weight with ``new_weight`` (``(d_out, d_in)``).
 
-    The first call per attach keeps the original storage tensor so that ``detach``
-    (and a rolled-back attach) restores it bit for bit.
+    The first call per attach keeps the kind's undo, so ``detach`` (and a rolled-back
+    attach) restores the original storage bit for bit. A quantized layer is only
+    rewritten with ``requantize=True``: the stored weight is then the requantized
+    ``new_weight``, which differs from it by the quantization error.
     """
     kind = _kind_or_raise(layer)
     if kind.write is None:
         raise WeightAccessError(
-            f"{kind.name} layers store quantized weights and cannot take a new dense weight. "
-            "Dequantize the model first, or use a variant that does not rewrite the base weight."
+            f"{kind.name} layers cannot take a new dense weight. Dequantize the model first, or use a "
+            "variant that does not rewrite the base weight."
         )
-    if _BACKUP_ATTR not in layer.__dict__:
-        layer.__dict__[_BACKUP_ATTR] = layer.weight.data
-    kind.write(layer, new_weight)
+    if kind.quantized and not requantize:
+        raise WeightAccessError(
+            f"{type(layer).__name__} ({kind.name}) stores its weight quantized: writing a new weight means "
+            "requantizing it, which loses precision. Pass requantize=True if that is what the variant wants."
+        )
+    expected = kind.features(layer)[::-1]
+    if tuple(new_weight.shape) != expected:
+        raise WeightAccessError(f"new weight has shape {tuple(new_weight.shape)}, the layer needs {expected}.")
+    first = _UNDO_ATTR not in layer.__dict__
+    # the original dense weight, for export: a view that keeps the old storage alive (no
+    # copy for plain kinds, whose write swaps in a new tensor), a dequantized copy otherwise
+    original = kind.read(layer).detach() if first else None
+    undo = kind.write(layer, new_weight)
+    if not callable(undo):
+        raise WeightAccessError(f"layer kind {kind.name!r}: write must return an undo function, got {undo!r}.")
+    if first:
+        layer.__dict__[_UNDO_ATTR] = undo
+        layer.__dict__[_ORIGINAL_ATTR] = original
 
 
 def original_weight(layer: nn.Module) -> torch.Tensor:
-    """The weight storage from before :func:`replace_dense_weight` (the current one if never replaced)."""
-    return layer.__dict__.get(_BACKUP_ATTR, layer.weight)
+    """The dense weight ``(d_out, d_in)`` from before :func:`replace_dense_weight` (the
+    current one if it was never replaced)."""
+    original = layer.__dict__.get(_ORIGINAL_ATTR)
+    return dense_weight(layer) if original is None else original
 
 
 def restore_dense_weight(layer: nn.Module) -> None:
     """Undo :func:`replace_dense_weight` exactly (no-op if the weight was never replaced)."""
-    backup = layer.__dict__.pop(_BACKUP_ATTR, None)
-    if backup is not None:
-        layer.weight.data = backup
-
+    layer.__dict__.pop(_ORIGINAL_ATTR, None)
+    undo = layer.__dict__.pop(_UNDO_ATTR, None)
+    if undo is not None:
+        undo()

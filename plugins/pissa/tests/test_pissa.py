@@ -96,3 +96,82 @@ def test_detach_restores_the_weight_bit_for_bit():
     assert not torch.equal(model.layers[0].q_proj.weight, original)
     ll.detach(model)
     assert torch.equal(model.layers[0].q_proj.weight, original)
+
+
+class _RowInt8(nn.Module):
+    """A toy quantized linear: int8 codes and one scale per output row (no bitsandbytes needed)."""
+
+    def __init__(self, lin):
+        super().__init__()
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+        self.weight = nn.Parameter(torch.zeros(lin.out_features, lin.in_features, dtype=torch.int8), requires_grad=False)
+        self.register_buffer("scale", torch.ones(lin.out_features))
+        self.set(lin.weight.detach())
+
+    def set(self, w):
+        self.scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127
+        self.weight.data = torch.round(w / self.scale[:, None]).to(torch.int8)
+
+    def dense(self):
+        return self.weight.float() * self.scale[:, None]
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.dense())
+
+
+def _write_row_int8(layer, w):
+    old = (layer.weight.data, layer.scale)
+    layer.set(w)
+
+    def undo():
+        layer.weight.data, layer.scale = old
+
+    return undo
+
+
+ROW_INT8 = ll.LayerKind(
+    name="test-row-int8", matches=lambda m: isinstance(m, _RowInt8), features=lambda m: (m.in_features, m.out_features),
+    read=lambda m: m.dense(), write=_write_row_int8, quantized=True,
+)
+
+
+@pytest.fixture
+def row_int8_model():
+    ll.register_layer_kind(ROW_INT8)
+    torch.manual_seed(0)
+    model = nn.Sequential(_RowInt8(nn.Linear(32, 48)), nn.GELU(), _RowInt8(nn.Linear(48, 32)))
+    yield model
+    ll.unregister_layer_kind(ROW_INT8.name)
+
+
+def test_quantized_layers_are_refused_by_default(row_int8_model):
+    codes = [m.weight.detach().clone() for m in row_int8_model if isinstance(m, _RowInt8)]
+    with pytest.raises(ll.WeightAccessError, match="quantized='requantize'"):
+        ll.attach(row_int8_model, ll.LoraLiteConfig(variant="pissa", r=4))
+    assert all(torch.equal(m.weight, c) for m, c in zip([row_int8_model[0], row_int8_model[2]], codes))
+
+
+def test_requantize_reports_the_identity_error_and_detach_restores_the_codes(row_int8_model, tmp_path):
+    model = row_int8_model
+    x = torch.randn(4, 32)
+    y0 = model(x)
+    saved = [(m.weight.detach().clone(), m.scale.clone()) for m in (model[0], model[2])]
+    dequantized = [m.dense() for m in (model[0], model[2])]
+    with pytest.warns(UserWarning, match="lora_requant_error"):
+        att = ll.attach(model, ll.LoraLiteConfig(variant="pissa", r=4, alpha=8, quantized="requantize"))
+    for t, w in zip(att.targets, dequantized):
+        res = t.layer.dense()
+        adapted = res + 2.0 * (t.layer.lora_B @ t.layer.lora_A).detach()
+        err = float((adapted - w).abs().max() / w.abs().max())
+        assert t.layer.lora_requant_error == pytest.approx(err, rel=1e-5)
+        # at most half an int8 step of W_res's largest row, relative to max |W|
+        assert 0 < err <= 0.5 * float(res.abs().max() / w.abs().max()) / 127 * 1.01
+    assert 0 < (model(x) - y0).abs().max() < 1e-2
+    path = ll.save(model, tmp_path / "a.safetensors")
+    out = model(x).detach()
+    ll.detach(model)
+    for m, (codes, scale) in zip((model[0], model[2]), saved):
+        assert torch.equal(m.weight, codes) and torch.equal(m.scale, scale)
+    assert torch.equal(model(x), y0)
+    ll.load(model, path)
+    assert torch.equal(model(x), out)

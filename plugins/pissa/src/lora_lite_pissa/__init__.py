@@ -17,16 +17,26 @@ rounding (~1e-6 relative in fp32).
 with ``niter`` subspace iterations (PEFT's ``pissa_niter_N``), much faster on wide
 layers, seeded from ``seed`` so a reload reproduces the same ``W_res``.
 
-Layers: floating-point layers whose weight can be rewritten (``nn.Linear``). The base
-weight is rewritten through ``lora_lite.replace_dense_weight``, so ``detach`` restores
-the original bit for bit and ``save -> detach -> load`` is exact. Quantized layers raise
-a clear error: their weight cannot be rewritten without requantization.
+Layers: every layer kind whose weight lora-lite can read and write (``nn.Linear``,
+transformers ``Conv1D`` whose transposed storage ``lora_lite.dense_weight`` hides). The
+base weight is rewritten through ``lora_lite.replace_dense_weight``, so ``detach``
+restores the original storage bit for bit and ``save -> detach -> load`` is exact.
+
+Quantized layers (bitsandbytes 4/8-bit) raise ``WeightAccessError`` by default: W_res
+can only be stored by requantizing it. ``quantized="requantize"`` opts in: the SVD runs
+on the dequantized weight ``W_q`` and ``W_res`` is stored requantized, so identity at
+init holds only up to the requantization error ``Q(W_res) - W_res`` (of the order of
+the layer's own quantization error). Each such layer records it as
+``layer.lora_requant_error`` (max abs, relative to ``max |W_q|``) and a warning
+points there.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +50,7 @@ class PiSSAConfig(ll.LoraLiteConfig):
     svd: Literal["full", "lowrank"] = "full"
     niter: int = 4
     seed: int = 0
+    quantized: Literal["error", "requantize"] = "error"
 
     def validate(self):
         if self.niter < 0:
@@ -66,10 +77,13 @@ class PiSSA:
     @staticmethod
     @ll.hookimpl
     def init(layer, cfg):
-        if ll.is_quantized(layer):
+        requantize = ll.is_quantized(layer)
+        if requantize and cfg.quantized != "requantize":
             raise ll.WeightAccessError(
                 f"pissa rewrites the base weight into W_res, and {type(layer).__name__} stores it quantized. "
-                "Use lora/delora on quantized layers, or dequantize the model before attaching pissa."
+                "Use lora/delora on quantized layers, dequantize the model before attaching pissa, or pass "
+                "quantized='requantize' to store W_res requantized (identity at init then holds only up to "
+                "the requantization error)."
             )
         scale = cfg.alpha / cfg.r
         w = ll.dense_weight(layer)
@@ -90,8 +104,16 @@ class PiSSA:
             layer.lora_B.copy_(b)
             # subtract what the stored (possibly bf16-rounded) factors will add back
             stored = layer.lora_B.float() @ layer.lora_A.float()
-        ll.replace_dense_weight(layer, (w32 - scale * stored).to(w.dtype))
+        ll.replace_dense_weight(layer, (w32 - scale * stored).to(w.dtype), requantize=requantize)
         layer.lora_scaling = scale
+        if requantize:
+            err = (ll.dense_weight(layer).float() + scale * stored - w32).abs().max() / w32.abs().max()
+            layer.lora_requant_error = float(err)
+            warnings.warn(
+                "pissa stored W_res requantized: identity at init holds only up to the requantization error, "
+                "recorded per layer as layer.lora_requant_error (max |W_res_q + s B A - W_q| / max |W_q|).",
+                stacklevel=2,
+            )
 
     @staticmethod
     @ll.hookimpl

@@ -1,0 +1,188 @@
+"""The variant x layer-kind support matrix, measured, and its markdown table.
+
+Every cell runs one variant on one layer kind and either proves the contract (attach,
+identity at init, a non-zero gradient on every trainable adapter tensor, loss drops,
+save/load exact into a fresh model and after detach) or records the typed
+``LoraLiteError`` the variant raised at attach, with the model left untouched. Anything
+else (a crash, a failed check) is an error, never a table entry. ``tests/test_layers_matrix.py``
+runs the cells; ``docs/layers.md`` holds the rendered table and a test fails when it is
+stale. Regenerate it with::
+
+    python -m tests.layer_support --write
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import lora_lite as ll
+
+from .models import quantize_linears, tiny_gpt2, tiny_qwen3
+from .test_every_variant import Qwen3Kit, kit_for
+
+# column -> (architecture, bnb setting or None)
+KINDS = {
+    "Linear": ("qwen3", None),
+    "bnb 4-bit nf4": ("qwen3", "bnb-nf4"),
+    "bnb 4-bit fp4": ("qwen3", "bnb-fp4"),
+    "bnb 8-bit": ("qwen3", "bnb-int8"),
+    "Conv1D (GPT-2)": ("gpt2", None),
+}
+# rows beyond one per installed variant: opt-in knobs whose behaviour differs by layer kind
+EXTRA_ROWS = {"pissa": [{"quantized": "requantize"}]}
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "layers.md"
+BEGIN, END = "<!-- support-table:begin -->", "<!-- support-table:end -->"
+
+
+def make_model(kind: str, seed: int = 0) -> torch.nn.Module:
+    arch, setting = KINDS[kind]
+    if arch == "gpt2":
+        return tiny_gpt2(seed)
+    model = tiny_qwen3(seed)
+    return quantize_linears(model, setting) if setting else model
+
+
+class LayerKindKit(Qwen3Kit):
+    """The conformance kit on a model whose target layers are of one kind."""
+
+    kind = "Linear"
+
+    def make_model(self):
+        return make_model(self.kind, self.seed)
+
+
+@dataclass(frozen=True)
+class Cell:
+    status: str  # "yes", "approx" (identity up to requantization) or "refused"
+    detail: str = ""  # the error type for "refused", the measured identity error for "approx"
+
+
+def rows() -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for info in ll.list_variants():
+        out.append((info.name, {}))
+        out += [(info.name, knobs) for knobs in EXTRA_ROWS.get(info.name, [])]
+    return out
+
+
+def row_label(variant: str, knobs: dict[str, Any]) -> str:
+    return variant + "".join(f" ({k}={v!r})" for k, v in sorted(knobs.items()))
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (bnb can store 4-bit codes in a float dtype, where some bytes are NaNs)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8)
+    )
+
+
+def same_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    now = model.state_dict()
+    return set(now) == set(state) and all(same_bits(now[k], v) for k, v in state.items())
+
+
+def _outputs(kit, model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return kit.run_model(model, batch).detach().clone()
+
+
+def _every_trainable_tensor_gets_a_gradient(kit) -> None:
+    model = kit.make_model()
+    batch = kit.make_batch(model)
+    att = kit.attach(model)
+    kit.train(model, batch, steps=2, lr=kit.train_lr)
+    model.zero_grad(set_to_none=True)
+    kit.loss_fn(model, batch, kit.regression_target(model, batch)).backward()
+    dead = [
+        name for name, p in att.adapter_tensors().items()
+        if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.abs().sum() > 0)
+    ]
+    assert not dead, f"adapter tensors without a finite non-zero gradient: {dead[:8]} ({len(dead)} in all)"
+
+
+def _quantization_error(kit, batch) -> float:
+    """Output error of the quantized base model against its full-precision original."""
+    fp = make_model("Linear", kit.seed)
+    return (_outputs(kit, kit.make_model(), batch) - _outputs(kit, fp, batch)).abs().max().item()
+
+
+@functools.cache
+def measure(variant: str, knobs_items: tuple[tuple[str, Any], ...], kind: str) -> Cell:
+    """Run one cell; raise AssertionError (or whatever broke) if the variant attaches but
+    does not meet the contract on this kind."""
+    kit = kit_for(variant, LayerKindKit)
+    kit.kind = kind
+    kit.config_kwargs = {**kit.config_kwargs, **dict(knobs_items)}
+    model = kit.make_model()
+    batch = kit.make_batch(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    base = _outputs(kit, model, batch)
+    try:
+        kit.attach(model)
+    except ll.LoraLiteError as err:
+        assert not ll.attachments(model), "a refused attach left an adapter attached"
+        assert same_state(model, before), "a refused attach changed the model"
+        return Cell("refused", type(err).__name__)
+    err = (_outputs(kit, model, batch) - base).abs().max().item()
+    status, detail = "yes", ""
+    if err > kit.identity_atol(model):
+        requantized = [m for m in model.modules() if hasattr(m, "lora_requant_error")]
+        assert requantized, f"identity error {err:.3e} at init"
+        bound = _quantization_error(kit, batch)
+        # W_res is requantized once more: its error is of the order of the base's own
+        assert err <= 2 * bound, f"requantized identity error {err:.3e} exceeds 2x the model's quantization error {bound:.3e}"
+        status, detail = "approx", f"{err:.1e}"
+    _every_trainable_tensor_gets_a_gradient(kit)
+    kit.test_loss_drops()
+    with tempfile.TemporaryDirectory() as tmp:
+        kit.test_save_load_into_fresh_model_is_exact(Path(tmp))
+        kit.test_save_detach_load_same_model_is_exact(Path(tmp))
+    return Cell(status, detail)
+
+
+def render(cells: dict[tuple[str, str], Cell]) -> str:
+    """Markdown table: rows are variants (and opt-in knob rows), columns layer kinds."""
+    lines = ["| variant | " + " | ".join(KINDS) + " |", "|---|" + "---|" * len(KINDS)]
+    for variant, knobs in rows():
+        label = row_label(variant, knobs)
+        shown = []
+        for kind in KINDS:
+            cell = cells[(label, kind)]
+            shown.append({"yes": "yes", "approx": "≈ (requantized)", "refused": f"refused: `{cell.detail}`"}[cell.status])
+        lines.append(f"| {label} | " + " | ".join(shown) + " |")
+    return "\n".join(lines)
+
+
+def measure_all() -> dict[tuple[str, str], Cell]:
+    return {
+        (row_label(v, knobs), kind): measure(v, tuple(sorted(knobs.items())), kind)
+        for v, knobs in rows() for kind in KINDS
+    }
+
+
+def committed_table() -> str:
+    text = DOC.read_text()
+    return text[text.index(BEGIN) + len(BEGIN): text.index(END)].strip()
+
+
+def write_table(table: str) -> None:
+    text = DOC.read_text()
+    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    DOC.write_text(text[:start] + "\n" + table + "\n" + text[end:])
+
+
+if __name__ == "__main__":
+    table = render(measure_all())
+    if "--write" in sys.argv:
+        write_table(table)
+        print(f"wrote the support table into {DOC}")
+    else:
+        print(table)
