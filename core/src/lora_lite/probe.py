@@ -9,6 +9,8 @@ and a PNG of the loss curves. Needs transformers (``pip install 'lora-lite-core[
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import platform
@@ -122,6 +124,12 @@ def config_for(variant: str, settings: ProbeSettings) -> LoraLiteConfig:
         variant=variant, r=settings.r, alpha=settings.alpha, dtype=settings.torch_dtype,
         target_names=settings.target_names, layers=settings.layers,
     )
+    # a variant that gives r its own default gives it its own meaning (OFT: blocks per
+    # layer, exclusive with a block size): keep that default unless --set names r
+    config_class = get_variant(variant).config_class
+    r_default = {f.name: f.default for f in dataclasses.fields(config_class)}["r"]
+    if r_default != LoraLiteConfig.r:
+        del kwargs["r"]
     return LoraLiteConfig(**{**kwargs, **settings.knobs.get(variant, {})})  # --set may override r, alpha, ...
 
 
