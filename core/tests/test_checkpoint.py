@@ -124,7 +124,7 @@ def test_different_architecture(trained, x):
     path, _ = trained
     torch.manual_seed(0)
     model = ToyTransformer(n_layers=3)
-    with pytest.raises(ll.CheckpointMismatchError, match="target\(s\)"):
+    with pytest.raises(ll.CheckpointMismatchError, match=r"target\(s\)"):
         ll.load(model, path)
     assert ll.attachments(model) == []
 

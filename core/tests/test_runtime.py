@@ -4,23 +4,7 @@ from torch import nn
 
 import lora_lite as ll
 from lora_lite import runtime
-
-
-def snapshot(model):
-    return (
-        {k: v.detach().clone() for k, v in model.state_dict().items()},
-        {n: p.requires_grad for n, p in model.named_parameters()},
-    )
-
-
-def assert_unchanged(model, snap):
-    state, flags = snap
-    now = model.state_dict()
-    assert set(now) == set(state)
-    assert all(torch.equal(now[k], v) for k, v in state.items())
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
-    assert not any(k.startswith("lora_") for m in model.modules() for k in vars(m))
+from lora_lite.testing import assert_model_unchanged, snapshot_model
 
 
 def test_only_adapter_params_train(model):
@@ -30,7 +14,7 @@ def test_only_adapter_params_train(model):
     assert len(trainable) == 2 * len(att)
 
 
-def test_failure_midway_rolls_back(model, monkeypatch):
+def test_failure_midway_rolls_back(model, x):
     class Fails:
         name = "t_fails"
         calls = 0
@@ -55,11 +39,11 @@ def test_failure_midway_rolls_back(model, monkeypatch):
 
     ll.register(Fails)
     try:
-        snap = snapshot(model)
+        snap = snapshot_model(model, x)
         with pytest.raises(ll.AttachError, match="init of .*boom in the 5th init.*rolled back"):
             ll.attach(model, ll.LoraLiteConfig(variant="t_fails"))
         assert Fails.calls == 5
-        assert_unchanged(model, snap)
+        assert_model_unchanged(model, snap, x)
         assert ll.attachments(model) == []
     finally:
         ll.unregister("t_fails")
@@ -67,10 +51,10 @@ def test_failure_midway_rolls_back(model, monkeypatch):
 
 def test_attach_twice_raises_and_changes_nothing(model):
     ll.attach(model, ll.LoraLiteConfig(variant="t_lora", r=2))
-    snap = snapshot(model)
+    snap = snapshot_model(model)
     with pytest.raises(ll.AlreadyAttachedError, match="detach"):
         ll.attach(model, ll.LoraLiteConfig(variant="t_lora", r=2))
-    assert snapshot(model)[0].keys() == snap[0].keys()
+    assert_model_unchanged(model, snap)
 
 
 def test_disjoint_attachments_coexist_and_detach_independently(model, x):
@@ -113,10 +97,10 @@ def test_layer_called_without_positional_input(model):
 
 
 def test_calibration_data_for_a_weight_only_variant(model):
-    snap = snapshot(model)
+    snap = snapshot_model(model)
     with pytest.raises(ll.ConfigError, match="calibration"):
         ll.attach(model, ll.LoraLiteConfig(variant="t_lora"), calibration_data=[torch.randn(1, 32)])
-    assert_unchanged(model, snap)
+    assert_model_unchanged(model, snap)
 
 
 def test_bf16_adapter_keeps_activation_dtype(model, x):

@@ -47,7 +47,7 @@ class CalibrationError(LoraLiteError):
 
 
 class CheckpointError(LoraLiteError):
-    """A checkpoint cannot be read, or it does not fit the model it is loaded into."""
+    """A checkpoint cannot be written or read, or it does not fit the model it is loaded into."""
 
 
 class CheckpointFormatError(CheckpointError):
@@ -60,3 +60,10 @@ class CheckpointMismatchError(CheckpointError):
 
 class ForwardError(LoraLiteError):
     """An adapted layer was called in a way the adapter cannot handle."""
+
+
+def add_context(err: LoraLiteError, context: str) -> LoraLiteError:
+    """Prefix ``err``'s message with ``context`` (which target, which file), keeping its type."""
+    if err.args and isinstance(err.args[0], str) and not err.args[0].startswith(context):
+        err.args = (f"{context}: {err.args[0]}", *err.args[1:])
+    return err
