@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -129,3 +131,99 @@ def test_weight_access_refuses_unknown_storage():
 def test_attach_rejects_non_config(model):
     with pytest.raises(ll.ConfigError):
         runtime.attach(model, {"variant": "t_lora"})
+
+
+class _Mutating:
+    """init rewrites each weight and stores an attribute; group_init calibrates, then fails if told to."""
+
+    name = "t_mutating"
+    fail_in_group_init: BaseException | None = None
+
+    @staticmethod
+    @ll.hookimpl
+    def param_specs(d_in, d_out, cfg):
+        return {"lora_A": ll.ParamSpec((1, d_in)), "lora_m": ll.ParamSpec((d_in,), trainable=False)}
+
+    @staticmethod
+    @ll.hookimpl
+    def init(layer, cfg):
+        ll.replace_dense_weight(layer, ll.dense_weight(layer) * 0.5)
+        layer.lora_half = True
+
+    @staticmethod
+    @ll.hookimpl
+    def group_init(model, targets, cfg, calibration_data):
+        seen = []
+        handles = [t.layer.register_forward_pre_hook(lambda m, a: seen.append(a[0])) for t in targets]
+        try:
+            for batch in calibration_data:
+                model(batch)
+        finally:
+            for h in handles:
+                h.remove()
+        with torch.no_grad():
+            for t in targets:
+                t.layer.lora_m.fill_(float(len(seen)))
+        if _Mutating.fail_in_group_init is not None:
+            raise _Mutating.fail_in_group_init
+
+    @staticmethod
+    @ll.hookimpl
+    def forward(layer, x, y):
+        return y
+
+
+@pytest.fixture
+def mutating():
+    ll.register(_Mutating)
+    yield _Mutating
+    _Mutating.fail_in_group_init = None
+    ll.unregister("t_mutating")
+
+
+@pytest.mark.parametrize("fault", [RuntimeError("group_init blew up"), KeyboardInterrupt()])
+def test_group_init_failure_rolls_back_weights_tensors_and_flags(model, x, mutating, fault):
+    mutating.fail_in_group_init = fault
+    model.layers[0].norm.weight.requires_grad_(False)  # a user-frozen flag must survive
+    snap = snapshot_model(model, x)
+    # an Exception is wrapped in an AttachError naming the stage; a KeyboardInterrupt stays itself
+    expected = ll.AttachError if isinstance(fault, Exception) else KeyboardInterrupt
+    with pytest.raises(expected) as info:
+        ll.attach(model, ll.LoraLiteConfig(variant="t_mutating"), calibration_data=[x, x])
+    if expected is ll.AttachError:
+        assert re.search(r"failed during group_init: RuntimeError: group_init blew up.*rolled back", str(info.value))
+    assert_model_unchanged(model, snap, x)
+
+
+def test_hook_registration_failure_removes_the_hooks_already_registered(model, x, monkeypatch):
+    calls = []
+    real = nn.Module.register_forward_hook
+
+    def flaky(self, hook, **kw):
+        calls.append(self)
+        if len(calls) == 5:
+            raise RuntimeError("out of hook ids")
+        return real(self, hook, **kw)
+
+    snap = snapshot_model(model, x)
+    monkeypatch.setattr(nn.Module, "register_forward_hook", flaky)
+    with pytest.raises(ll.AttachError, match=r"during registering hooks: RuntimeError: out of hook ids.*rolled back"):
+        ll.attach(model, ll.LoraLiteConfig(variant="t_lora", r=2))
+    monkeypatch.undo()
+    assert len(calls) == 5  # four hooks were live when the fifth failed
+    assert_model_unchanged(model, snap, x)
+
+
+def test_failed_second_attach_leaves_the_first_intact(model, x, mutating):
+    first = ll.attach(model, ll.LoraLiteConfig(variant="t_lora", r=2, target_names=(r"q_proj$",)))
+    with torch.no_grad():
+        for p in first.trainable_parameters():
+            p.normal_()
+    snap = snapshot_model(model, x)
+    mutating.fail_in_group_init = RuntimeError("second attach fails")
+    with pytest.raises(ll.AttachError, match="second attach fails"):
+        ll.attach(model, ll.LoraLiteConfig(variant="t_mutating", target_names=(r"up_proj$",)), calibration_data=[x])
+    assert_model_unchanged(model, snap, x)
+    assert ll.attachments(model) == [first]
+    first.detach()
+    assert all(p.requires_grad for p in model.parameters())
