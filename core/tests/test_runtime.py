@@ -153,17 +153,10 @@ class _Mutating:
     @staticmethod
     @ll.hookimpl
     def group_init(model, targets, cfg, calibration_data):
-        seen = []
-        handles = [t.layer.register_forward_pre_hook(lambda m, a: seen.append(a[0])) for t in targets]
-        try:
-            for batch in calibration_data:
-                model(batch)
-        finally:
-            for h in handles:
-                h.remove()
         with torch.no_grad():
+            outputs = [model(batch) for batch in calibration_data]
             for t in targets:
-                t.layer.lora_m.fill_(float(len(seen)))
+                t.layer.lora_m.fill_(float(len(outputs)))
         if _Mutating.fail_in_group_init is not None:
             raise _Mutating.fail_in_group_init
 
