@@ -89,12 +89,15 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[list[dict[str, Any]], dict
     if not path.is_file():
         raise CheckpointFormatError(f"{path} does not exist or is not a file; check the path.")
     with open(path, "rb") as fh:
-        head = fh.read(16)
+        head = fh.read(9)
     if not head:
         raise CheckpointFormatError(
             f"{path} is empty; it is not a lora-lite checkpoint. Load a file written by lora_lite.save."
         )
-    if head[:1] == b"\x80" or head[:2] == b"PK":
+    # safetensors: 8-byte little-endian header length, then the JSON header. Its first byte
+    # can be 0x80 (a pickle's first byte) or its first two "PK" (a zip's), so sniff for a
+    # pickle or torch.save zip only when the JSON header is not where safetensors puts it.
+    if head[8:9] != b"{" and (head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"):
         raise CheckpointFormatError(
             f"{path} looks like a pickle/torch.save file. lora-lite never unpickles (it can execute code); "
             "checkpoints are safetensors written by lora_lite.save: load the adapter the way it was written and "
