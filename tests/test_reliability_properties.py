@@ -102,14 +102,17 @@ def perturb(att: ll.Attachment, seed: int) -> None:
             p.add_((0.1 * torch.randn(p.shape, generator=g)).to(p.dtype))
 
 
+def property_over_variants(test):
+    """Run ``test(variant, ex, ...)`` for every installed variant over drawn examples."""
+    return pytest.mark.parametrize("variant", VARIANTS)(PROPERTY_SETTINGS(given(ex=examples())(test)))
+
+
 def outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(x)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@PROPERTY_SETTINGS
-@given(ex=examples())
+@property_over_variants
 def test_identity_at_init(variant, ex):
     model = ex.model()
     x = ex.batch()
@@ -124,9 +127,7 @@ def test_identity_at_init(variant, ex):
     assert err <= atol, f"identity error {err:.3e} > {atol:.3e}"
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@PROPERTY_SETTINGS
-@given(ex=examples())
+@property_over_variants
 def test_save_load_round_trip_is_exact(variant, ex, tmp_path_factory):
     model = ex.model()
     x = ex.batch()
@@ -148,9 +149,7 @@ def test_save_load_round_trip_is_exact(variant, ex, tmp_path_factory):
     assert torch.equal(outputs(model, x), trained), "save -> detach -> load on the same model is not exact"
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@PROPERTY_SETTINGS
-@given(ex=examples())
+@property_over_variants
 def test_detach_restores_everything(variant, ex):
     model = ex.model()
     x = ex.batch()
@@ -162,9 +161,7 @@ def test_detach_restores_everything(variant, ex):
     assert_model_unchanged(model, before, x)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@PROPERTY_SETTINGS
-@given(ex=examples())
+@property_over_variants
 def test_gradients_reach_adapter_tensors_only(variant, ex):
     model = ex.model()
     x = ex.batch()
