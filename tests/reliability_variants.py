@@ -115,8 +115,9 @@ class DenseThenQuantized(nn.Module):
     """A dense ``nn.Linear`` followed by a bitsandbytes 4-bit layer quantized on CPU."""
 
     def __init__(self) -> None:
-        import bitsandbytes as bnb
+        import pytest
 
+        bnb = pytest.importorskip("bitsandbytes")
         super().__init__()
         torch.manual_seed(0)
         self.dense = nn.Linear(32, 32)
