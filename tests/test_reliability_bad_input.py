@@ -24,7 +24,7 @@ import lora_lite as ll
 from lora_lite import plugins
 from lora_lite.testing import ToyTransformer, assert_model_unchanged, snapshot_model
 
-from .reliability_variants import DenseThenQuantized, TwoScaled, register_toys, unregister_toys
+from .reliability_variants import DenseThenQuantized, ToyCalibrated, TwoScaled, register_toys, unregister_toys
 
 
 def toy(n_layers: int = 2) -> nn.Module:
@@ -349,8 +349,6 @@ def test_bad_input(case: Case, tmp_path, monkeypatch):
 
 def test_calibration_is_checked_before_group_init_runs(tmp_path, monkeypatch):
     """In-memory calibration data with NaN never reaches the variant."""
-    from .reliability_variants import ToyCalibrated
-
     register_toys()
     try:
         model = toy()
@@ -366,5 +364,27 @@ def test_calibration_is_checked_before_group_init_runs(tmp_path, monkeypatch):
         torch.testing.assert_close(model.layers[0].q_proj.lora_mean, model.layers[0].norm(good[0]).reshape(-1, 32).mean(0))
         assert not torch.equal(model.layers[0].q_proj.lora_mean, mean)  # the layer's input, not the model's
         att.detach()
+    finally:
+        unregister_toys()
+
+
+def test_calibrated_variant_reloads_exactly_without_data(tmp_path):
+    """What calibration chose is saved: load runs no group_init and needs no data."""
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(3))
+    register_toys()
+    try:
+        model = toy()
+        att = ll.attach(model, cfg(variant="t_calib"), calibration_data=[x, 2 * x])
+        with torch.no_grad():
+            for p in att.trainable_parameters():
+                p.normal_()
+        out = model(x).detach()
+        path = ll.save(model, tmp_path / "calibrated.safetensors")
+        calls = ToyCalibrated.group_init_calls
+        fresh = toy()
+        ll.load(fresh, path)
+        assert ToyCalibrated.group_init_calls == calls
+        assert torch.equal(fresh.layers[1].up_proj.lora_mean, model.layers[1].up_proj.lora_mean)
+        assert torch.equal(fresh(x), out)
     finally:
         unregister_toys()
