@@ -49,10 +49,10 @@ class Example:
     def model(self) -> nn.Module:
         torch.manual_seed(self.seed)
         layers: list[nn.Module] = []
-        for i, (d_in, d_out) in enumerate(zip(self.dims, self.dims[1:])):
+        for i, (d_in, d_out) in enumerate(zip(self.dims, self.dims[1:], strict=False)):
             layers += [nn.Linear(d_in, d_out, bias=bool(i % 2 == 0))] + ([nn.Tanh()] if i < len(self.dims) - 2 else [])
         model = nn.Sequential(*layers).to(self.model_dtype).eval()
-        for p, frozen in zip(model.parameters(), self.frozen):
+        for p, frozen in zip(model.parameters(), self.frozen, strict=False):
             p.requires_grad_(not frozen)
         return model
 
