@@ -268,7 +268,7 @@ def test_load_never_executes_code_from_the_file(tmp_path, monkeypatch, x):
 
 @pytest.mark.parametrize("first_bytes", [b"\x80", b"PK"], ids=["pickle_byte", "zip_bytes"])
 def test_a_header_length_that_looks_like_pickle_or_zip_still_loads(trained, tmp_path, x, first_bytes):
-    """Found by the property tests: ~1 save in 256 has a header length whose low byte is 0x80."""
+    """~1 save in 256 has a header length whose low byte is 0x80 (a pickle's first byte)."""
     path, out = trained
 
     def padded(pad):

@@ -21,6 +21,7 @@ from .errors import (
     ForwardError,
     LoraLiteError,
     NotAttachedError,
+    PeftInteropError,
     PluginError,
     TargetingError,
     UnknownVariantError,
@@ -28,6 +29,7 @@ from .errors import (
 )
 from .hookspecs import hookimpl, hookspec
 from .params import ParamSpec
+from .peft_interop import export_peft, import_peft
 from .plugins import broken_plugins, get_variant, list_variants, register, reload_plugins, unregister
 from .runtime import Attachment, attach, attachments, detach
 from .targeting import Target, find_targets
@@ -41,9 +43,9 @@ except PackageNotFoundError:  # running from a source tree without an install
 __all__ = [
     "AlreadyAttachedError", "AttachError", "Attachment", "CalibrationError", "CheckpointError",
     "CheckpointFormatError", "CheckpointMismatchError", "ConfigError", "ForwardError", "LayerKind",
-    "LoraLiteConfig", "LoraLiteError", "NotAttachedError", "ParamSpec", "PluginError", "ROLES", "Target",
+    "LoraLiteConfig", "LoraLiteError", "NotAttachedError", "ParamSpec", "PeftInteropError", "PluginError", "ROLES", "Target",
     "TargetingError", "UnknownVariantError", "WeightAccessError", "attach", "attachments", "broken_plugins",
-    "dense_weight", "detach", "find_targets", "get_variant", "hookimpl", "hookspec", "is_quantized",
+    "dense_weight", "detach", "export_peft", "find_targets", "get_variant", "hookimpl", "hookspec", "import_peft", "is_quantized",
     "list_variants", "load", "read_checkpoint", "register", "register_layer_kind", "reload_plugins",
     "replace_dense_weight", "save", "unregister", "__version__",
 ]

@@ -15,7 +15,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -39,14 +39,52 @@ def _core_version() -> str:
     return __version__
 
 
+def _is_sharded(t: torch.Tensor) -> bool:
+    """A DTensor, e.g. a parameter of a model sharded with FSDP2 ``fully_shard``."""
+    return callable(getattr(t, "full_tensor", None))
+
+
+def _full_cpu(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on CPU; a DTensor is gathered (a collective every rank must join)."""
+    if _is_sharded(t):
+        t = t.full_tensor()
+    return t.detach().to("cpu").contiguous()
+
+
+def _write_once(sharded: bool, write: Callable[[], Any]) -> None:
+    """Gathered sharded state is the same on every rank: rank 0 writes, the others wait for it."""
+    if not (sharded and torch.distributed.is_initialized()):
+        write()
+        return
+    try:
+        if torch.distributed.get_rank() == 0:
+            write()
+    finally:
+        torch.distributed.barrier()
+
+
 def save(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write every live adapter on ``model`` to ``path`` (safetensors, any extension), atomically."""
+    """Write every live adapter on ``model`` to ``path`` (safetensors, any extension), atomically.
+
+    On a model sharded with FSDP2 (``fully_shard``) the adapter tensors are DTensors:
+    ``save`` gathers them, so every rank must call it (with the same path); rank 0
+    writes the file and all ranks return once it is written.
+    """
     atts = _state(model).attachments
     tensors: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
     records = []
+    sharded = False
     for att in atts:
         owned = att.adapter_tensors(persistent_only=True)
-        tensors.update({k: v.detach().to("cpu").contiguous() for k, v in owned.items()})
+        sharded |= any(_is_sharded(v) for v in owned.values())
+        for k, v in owned.items():
+            t = _full_cpu(v)
+            # safetensors refuses aliased tensors; one tensor shared by several layers
+            # (VeRA's saved projections) is written once per key
+            ptr = t.untyped_storage().data_ptr()
+            tensors[k] = t.clone() if ptr in storages else t
+            storages.add(ptr)
         records.append({
             "variant": att.variant.name,
             "config": att.cfg.to_dict(),
@@ -63,6 +101,11 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         "adapters": json.dumps(records),
     }
     path = Path(path)
+    _write_once(sharded, lambda: _write_atomically(tensors, metadata, path))
+    return path
+
+
+def _write_atomically(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,7 +123,6 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
-    return path
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:

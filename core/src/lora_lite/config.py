@@ -60,6 +60,10 @@ class LoraLiteConfig:
     exclude_names: tuple[str, ...] = ("lm_head", "embed_tokens")
     layers: tuple[int, ...] | None = None
 
+    # smallest valid r; a variant whose r may be 0 (meaning "derived from another knob",
+    # as OFT's r next to oft_block_size) lowers it in its config class
+    r_min: ClassVar[int] = 1
+
     # fields every variant shares; knobs are the fields a subclass adds
     _BASE_FIELDS: ClassVar[tuple[str, ...]] = (
         "variant", "r", "alpha", "dtype", "target_roles", "target_names", "exclude_names", "layers",
@@ -86,8 +90,9 @@ class LoraLiteConfig:
     def __post_init__(self) -> None:
         self._coerce_sequences()
         _check_types(self)
-        if self.r <= 0:
-            raise ConfigError(f"r must be a positive integer, got {self.r}.")
+        if self.r < self.r_min:
+            kind = "a positive integer" if self.r_min == 1 else f"an integer >= {self.r_min}"
+            raise ConfigError(f"r must be {kind}, got {self.r}.")
         if self.alpha == 0:
             raise ConfigError("alpha must be non-zero: alpha=0 makes the adapter a no-op that never trains.")
         if not self.dtype.is_floating_point:

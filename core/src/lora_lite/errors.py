@@ -62,6 +62,10 @@ class ForwardError(LoraLiteError):
     """An adapted layer was called in a way the adapter cannot handle."""
 
 
+class PeftInteropError(LoraLiteError):
+    """An adapter cannot be converted to or from PEFT's format without changing its math."""
+
+
 def add_context(err: LoraLiteError, context: str) -> LoraLiteError:
     """Prefix ``err``'s message with ``context`` (which target, which file), keeping its type."""
     if err.args and isinstance(err.args[0], str) and not err.args[0].startswith(context):

@@ -44,7 +44,7 @@ def param_specs(d_in, d_out, cfg):
 
 
 @hookspec
-def init(layer, cfg):
+def init(layer, cfg, targets):
     """Initialise one target's adapter tensors from its weight (no data).
 
     Called at ``attach`` (and so again at ``load``, before the saved tensors are
@@ -59,6 +59,11 @@ def init(layer, cfg):
 
     :param layer: the target ``nn.Module``; ``layer.lora_cfg`` is ``cfg``.
     :param cfg: the variant's config.
+    :param targets: ``list[Target]``, every target of this attach in the order ``init``
+        visits them (so ``targets[0]`` is initialised first). For tensors shared by all
+        targets and sized by all of them (VeRA's projections): create them when ``layer``
+        is ``targets[0].layer`` and reuse them afterwards. Unlike ``group_init`` this
+        also runs at ``load``, so shared tensors regenerated here need not be saved.
     :returns: ignored.
     """
 

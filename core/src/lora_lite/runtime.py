@@ -289,6 +289,7 @@ def attach(
             f"{meta[0]} (and {len(meta) - 1} more) live on the meta device; materialise the model "
             "(e.g. model.to_empty(device=...) and load its weights) before attaching."
         )
+    _refuse_wrapped(model)
     if calibration_data is not None and variant.hook("group_init") is None:
         raise ConfigError(
             f"variant {variant.name!r} takes no calibration data (it has no group_init hook); "
@@ -313,7 +314,7 @@ def attach(
             t.layer.lora_cfg = cfg
             if init is not None:
                 stage = f"init of {t.name} ({type(t.layer).__name__})"
-                init(t.layer, cfg)
+                init(t.layer, cfg, targets)
         if group_init is not None and not _loading:
             stage = "group_init"
             group_init(model, targets, cfg, calibration_data)
@@ -346,6 +347,23 @@ def attach(
         existing.attachments.append(att)
     _freeze_base(model)
     return att
+
+
+def _refuse_wrapped(model: nn.Module) -> None:
+    """Adapters added after DDP/FSDP wrapping would never be synchronised or sharded."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise AttachError(
+            "the model is already wrapped in DistributedDataParallel, whose gradient buckets are fixed at "
+            "construction: the adapter would train out of sync. Attach (or load) first, then wrap: "
+            "lora_lite.attach(model, cfg); model = DistributedDataParallel(model)."
+        )
+    sharded = next((n for n, p in model.named_parameters() if callable(getattr(p, "full_tensor", None))), None)
+    if sharded is not None:
+        raise AttachError(
+            f"the model is already sharded (parameter {sharded} is a DTensor, e.g. from FSDP2 fully_shard); "
+            "adapter tensors added now would be neither sharded nor reduced. Attach (or load) first, then "
+            "call fully_shard."
+        )
 
 
 def _freeze_base(model: nn.Module) -> None:

@@ -153,6 +153,11 @@ def replace_dense_weight(layer: nn.Module, new_weight: torch.Tensor) -> None:
     kind.write(layer, new_weight)
 
 
+def original_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight storage from before :func:`replace_dense_weight` (the current one if never replaced)."""
+    return layer.__dict__.get(_BACKUP_ATTR, layer.weight)
+
+
 def restore_dense_weight(layer: nn.Module) -> None:
     """Undo :func:`replace_dense_weight` exactly (no-op if the weight was never replaced)."""
     backup = layer.__dict__.pop(_BACKUP_ATTR, None)

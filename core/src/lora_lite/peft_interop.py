@@ -1,0 +1,359 @@
+"""PEFT-format adapters in and out: ``export_peft`` / ``import_peft`` (peft itself not needed).
+
+A PEFT LoRA adapter is a directory with ``adapter_config.json`` and
+``adapter_model.safetensors`` whose keys are ``base_model.model.<module path>.lora_A.weight``
+``(r, d_in)`` and ``.lora_B.weight`` ``(d_out, r)``; PEFT adds
+``scaling * B A x`` with ``scaling = lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``).
+That is lora-lite's ``lora`` variant term for term, so both directions are exact.
+
+Variants map through :data:`PEFT_FORMATS`, one :class:`PeftFormat` per variant: which
+adapter tensor becomes which PEFT key, extra config entries, and an optional ``convert``
+for variants PEFT stores differently. PiSSA is exported the way PEFT's own
+``path_initial_model_for_weight_conversion`` does it: as the rank-``2r`` LoRA delta
+``s (B A - B0 A0)`` against the ORIGINAL base weight (``A' = [A; A0]``, ``B' = [B, -B0]``,
+``lora_alpha' = 2 alpha``), so a PEFT user (or vLLM, TGI) loads it onto the untouched base
+model. ``s B0 A0`` is recovered exactly as ``W - W_res`` from the weight PiSSA replaced.
+
+Anything that would change the math (another variant, ``rank_pattern``, a trained bias,
+``modules_to_save``, a base-mutating init, missing or extra tensors) raises
+:class:`~lora_lite.errors.PeftInteropError` before a file is written or the model touched;
+PEFT itself only warns on missing keys. ``lora_dropout`` is accepted and not modelled:
+dropout is a training regulariser, not part of the adapter's function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .checkpoint import _full_cpu, _is_sharded, _write_once, save
+from .config import LoraLiteConfig
+from .errors import NotAttachedError, PeftInteropError
+from .plugins import list_variants
+from .runtime import Attachment, attach, attachments
+from .targeting import block_index, linear_like_modules
+from .weights import original_weight
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class PeftFormat:
+    """How one lora-lite variant is written in PEFT's LoRA format.
+
+    :param keys: lora-lite tensor name -> PEFT key suffix (``"lora_A": "lora_A.weight"``).
+    :param config: extra ``adapter_config.json`` entries (``{"use_dora": True}``).
+    :param convert: ``(attachment, target name, tensors by lora-lite name) -> (tensors, r, alpha)``
+        for a variant PEFT stores differently; ``None`` copies the tensors as they are.
+    """
+
+    keys: dict[str, str]
+    config: dict[str, Any] = field(default_factory=dict)
+    convert: Callable[[Attachment, str, Tensors], tuple[Tensors, int, float]] | None = None
+
+
+def _pissa_as_lora_delta(att: Attachment, name: str, t: Tensors) -> tuple[Tensors, int, float]:
+    """Rank-2r LoRA equal to PiSSA's adapter on W_res, against the original base W."""
+    layer = dict(zip(att.target_names, (x.layer for x in att.targets)))[name]
+    s, r = att.cfg.alpha / att.cfg.r, att.cfg.r
+    w0 = _full_cpu(original_weight(layer)).double()
+    w_res = _full_cpu(layer.weight).double()
+    u, sv, vh = torch.linalg.svd((w0 - w_res) / s, full_matrices=False)  # = B0 A0, rank r
+    root = sv[:r].sqrt()
+    a0, b0 = (root[:, None] * vh[:r]).to(t["lora_A"].dtype), (u[:, :r] * root).to(t["lora_B"].dtype)
+    return {"lora_A": torch.cat([t["lora_A"], a0]), "lora_B": torch.cat([t["lora_B"], -b0], dim=1)}, 2 * r, 2 * att.cfg.alpha
+
+
+_LORA_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+
+PEFT_FORMATS: dict[str, PeftFormat] = {
+    "lora": PeftFormat(_LORA_KEYS),
+    "pissa": PeftFormat(_LORA_KEYS, convert=_pissa_as_lora_delta),
+    # PEFT's DoRA: the same m / ||W + s B A|| row scaling, with m under another name
+    "dora": PeftFormat({**_LORA_KEYS, "lora_magnitude": "lora_magnitude_vector"}, {"use_dora": True}),
+}
+"""Variant name -> PEFT format. Add a variant whose math matches a PEFT LoRA flavour here."""
+
+
+def export_peft(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+) -> Path:
+    """Write the adapter on ``model`` as a PEFT LoRA adapter directory; return its path.
+
+    ``PeftModel.from_pretrained(base, directory)`` then reproduces the lora-lite model's
+    outputs, where ``base`` is the same model without any adapter (for PiSSA: the original
+    weights, not ``W_res``). Module paths are relative to ``model``, so pass the model you
+    attached to. ``task_type`` (e.g. ``"CAUSAL_LM"``) picks PEFT's model class on load.
+    On an FSDP2-sharded model every rank must call it; rank 0 writes.
+    """
+    atts = attachments(model)
+    if not atts:
+        raise NotAttachedError(f"{type(model).__name__} carries no lora-lite adapter to export.")
+    if len(atts) != 1:
+        raise PeftInteropError(
+            f"the model carries {len(atts)} attachments ({[a.variant.name for a in atts]}); a PEFT adapter holds one "
+            "config. Export a model with a single attachment."
+        )
+    att = atts[0]
+    fmt = PEFT_FORMATS.get(att.variant.name)
+    if fmt is None:
+        raise PeftInteropError(
+            f"variant {att.variant.name!r} has no PEFT LoRA equivalent; exportable variants: {sorted(PEFT_FORMATS)}."
+        )
+    tensors: Tensors = {}
+    ranks = set()
+    sharded = any(_is_sharded(v) for v in att.adapter_tensors().values())
+    for name, layer in ((t.name, t.layer) for t in att.targets):
+        own = {k: _full_cpu(getattr(layer, k)) for k in att.specs[name]}
+        if set(own) != set(fmt.keys):
+            raise PeftInteropError(
+                f"{name} holds adapter tensors {sorted(own)} but the {att.variant.name} PEFT format maps "
+                f"{sorted(fmt.keys)}; update PEFT_FORMATS[{att.variant.name!r}]."
+            )
+        if fmt.convert is not None:
+            own, r, alpha = fmt.convert(att, name, own)
+        else:
+            r, alpha = att.cfg.r, att.cfg.alpha
+        ranks.add((r, alpha))
+        tensors.update({f"{PREFIX}{name}.{fmt.keys[k]}": v.contiguous() for k, v in own.items()})
+    (r, alpha), = ranks
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": _target_modules(model, att.target_names),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_rslora": False,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "use_dora": False,
+        "modules_to_save": None,
+        "inference_mode": True,
+        **fmt.config,
+    }
+    out = Path(directory)
+
+    def write() -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+        (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+
+    _write_once(sharded, write)
+    return out
+
+
+def _target_modules(model: nn.Module, targets: list[str]) -> list[str]:
+    """Leaf names (``["q_proj", "v_proj"]``, what serving tools expect) when PEFT's suffix
+    matching selects exactly the targets with them; full module paths otherwise."""
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in targets})
+    selected = {n for n, _ in model.named_modules() if n and (n in leaves or any(n.endswith("." + x) for x in leaves))}
+    return leaves if selected == set(targets) else list(targets)
+
+
+# adapter_config.json entries that do not change what a LoRA adapter computes
+_NEUTRAL = {
+    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+    "peft_version", "r", "lora_alpha", "use_rslora", "use_dora", "target_modules", "exclude_modules", "layers_to_transform",
+    "layers_pattern", "lora_dropout", "init_lora_weights", "runtime_config", "ephemeral_gpu_offload",
+    # knobs of options that are off unless their switch (megatron_config, use_qalora) is set
+    "megatron_core", "qalora_group_size",
+}
+_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def _check_peft_config(cfg: dict[str, Any], path: Path) -> None:
+    if cfg.get("peft_type") != "LORA":
+        raise PeftInteropError(f"{path}: peft_type is {cfg.get('peft_type')!r}; lora-lite imports PEFT LoRA adapters only.")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(cfg.get(key), (int, float)) or isinstance(cfg.get(key), bool):
+            raise PeftInteropError(f"{path}: adapter_config.json has no numeric {key!r}.")
+    if cfg.get("bias", "none") != "none":
+        raise PeftInteropError(f"{path}: bias={cfg['bias']!r} trains base biases, which lora-lite does not; "
+                               "retrain with bias='none'.")
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_MUTATING_INITS):
+        raise PeftInteropError(
+            f"{path}: init_lora_weights={init!r} rewrites the base weights, so the tensors alone do not define the "
+            "adapter. In PEFT, save it with path_initial_model_for_weight_conversion=... (a plain LoRA delta) and "
+            "import that."
+        )
+    for key, value in cfg.items():
+        if key in _NEUTRAL or key == "bias" or not value:
+            continue
+        raise PeftInteropError(
+            f"{path}: {key}={value!r} is not supported by the import (it changes the adapter beyond plain LoRA, "
+            "or lora-lite cannot tell that it does not). Supported: plain LoRA with one r and lora_alpha, "
+            "optionally use_rslora."
+        )
+
+
+def _read_peft_dir(directory: Path) -> tuple[dict[str, Any], Tensors]:
+    cfg_path, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not cfg_path.is_file():
+        raise PeftInteropError(f"{directory} has no {CONFIG_NAME}; it is not a PEFT adapter directory.")
+    if not weights.is_file():
+        raise PeftInteropError(
+            f"{directory} has no {WEIGHTS_NAME} (a pickled adapter_model.bin is never read: unpickling can run code). "
+            "Re-save it with PEFT's save_pretrained(safe_serialization=True)."
+        )
+    cfg = json.loads(cfg_path.read_text())
+    with safe_open(str(weights), framework="pt") as fh:
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    return cfg, tensors
+
+
+def _selected_by_config(model: nn.Module, cfg: dict[str, Any]) -> set[str] | None:
+    """The linear modules PEFT's target_modules/exclude_modules/layers_to_transform select, or
+    None where the rule is beyond this check ("all-linear", layers_pattern)."""
+    tm, ex, layers = cfg.get("target_modules"), cfg.get("exclude_modules"), cfg.get("layers_to_transform")
+    if not tm or tm == "all-linear" or cfg.get("layers_pattern"):
+        return None
+
+    def hit(rule, name):
+        if isinstance(rule, str):
+            return re.fullmatch(rule, name) is not None
+        return name in rule or any(name.endswith("." + x) for x in rule)
+
+    layers = [layers] if isinstance(layers, int) else layers
+    out = set()
+    for name, _ in linear_like_modules(model):
+        if ex and hit(ex, name) or not hit(tm, name):
+            continue
+        if layers and not isinstance(tm, str) and block_index(name) not in layers:
+            continue
+        out.add(name)
+    return out
+
+
+def import_peft(model: nn.Module, directory: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Attachment:
+    """Attach a lora-lite ``lora`` adapter (``dora`` if ``use_dora``) holding the PEFT LoRA
+    adapter in ``directory``.
+
+    Every tensor in the file must land on a target and every target must get its tensors;
+    otherwise :class:`PeftInteropError` and the model is left as it was. ``dtype``: adapter
+    storage dtype (default: the file's). ``use_rslora`` is folded into ``alpha``
+    (``alpha * sqrt(r)``) so the scaling is the same.
+    """
+    path = Path(directory)
+    cfg, tensors = _read_peft_dir(path)
+    _check_peft_config(cfg, path)
+    variant = "dora" if cfg.get("use_dora") else "lora"
+    if variant not in {v.name for v in list_variants()}:
+        raise PeftInteropError(f"{path}: use_dora=True needs the dora variant; pip install lora-lite-dora.")
+    fmt = PEFT_FORMATS[variant]
+    suffix_to_name = {v: k for k, v in fmt.keys.items()}
+    by_module: dict[str, Tensors] = {}
+    for key, value in tensors.items():
+        if not key.startswith(PREFIX):
+            raise PeftInteropError(f"{path}: key {key!r} lacks PEFT's {PREFIX!r} prefix; PEFT would ignore it.")
+        module, _, suffix = key[len(PREFIX):].rpartition(".lora_")
+        name = suffix_to_name.get("lora_" + suffix)
+        if not module or name is None:
+            raise PeftInteropError(
+                f"{path}: tensor {key!r} is not a {variant} weight (expected suffixes {sorted(fmt.keys.values())})."
+            )
+        by_module.setdefault(module, {})[name] = value
+    incomplete = [m for m, t in by_module.items() if set(t) != set(fmt.keys)]
+    if not by_module or incomplete:
+        raise PeftInteropError(
+            f"{path}: modules without all of {sorted(fmt.keys.values())}: {incomplete[:5] or 'no tensors at all'}."
+        )
+    selected = _selected_by_config(model, cfg)
+    if selected is not None and selected != set(by_module):
+        raise PeftInteropError(
+            f"{path}: target_modules select {len(selected)} module(s) of this model but the file holds tensors for "
+            f"{len(by_module)}; without tensors: {sorted(selected - set(by_module))[:5]}, not selected or not in "
+            f"this model: {sorted(set(by_module) - selected)[:5]}. Is this the model the adapter was trained on?"
+        )
+    r = int(cfg["r"])
+    alpha = float(cfg["lora_alpha"]) * (math.sqrt(r) if cfg.get("use_rslora") else 1.0)
+    storage = dtype or next(iter(by_module.values()))["lora_A"].dtype
+    config = LoraLiteConfig(
+        variant=variant, r=r, alpha=alpha, dtype=storage, exclude_names=(),
+        target_names=tuple(f"^{re.escape(m)}$" for m in sorted(by_module)),
+    )
+    absent = sorted(set(by_module) - {n for n, _ in linear_like_modules(model)})
+    if absent:
+        raise PeftInteropError(f"{path}: {len(absent)} adapted module(s) are not linear layers of this model: {absent[:5]}.")
+    att = attach(model, config)
+    try:
+        with torch.no_grad():
+            for t in att.targets:
+                for name, value in by_module[t.name].items():
+                    param = getattr(t.layer, name)
+                    if tuple(value.shape) != tuple(param.shape):
+                        raise PeftInteropError(
+                            f"{path}: {t.name}.{name} has shape {tuple(value.shape)} in the file but "
+                            f"{tuple(param.shape)} here (r={r}, layer {t.d_in} -> {t.d_out})."
+                        )
+                    param.copy_(value)
+    except BaseException:
+        att.detach()
+        raise
+    return att
+
+
+def _load_hf_model(name_or_path: str) -> nn.Module:
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise SystemExit("export-peft/import-peft load the base model with transformers: pip install transformers") from None
+
+    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
+
+
+def _cli_export(args: argparse.Namespace) -> int:
+    from .checkpoint import load
+
+    model = _load_hf_model(args.model)
+    load(model, args.checkpoint)
+    out = export_peft(model, args.output, base_model_name_or_path=args.model, task_type="CAUSAL_LM")
+    print(f"wrote PEFT adapter {out / CONFIG_NAME} and {out / WEIGHTS_NAME}")
+    return 0
+
+
+def _cli_import(args: argparse.Namespace) -> int:
+    model = _load_hf_model(args.model)
+    att = import_peft(model, args.peft_dir)
+    save(model, args.output)
+    print(f"wrote lora-lite checkpoint {args.output} ({len(att)} targets, r={att.cfg.r})")
+    return 0
+
+
+def add_cli_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``export-peft`` and ``import-peft`` to a CLI's subparsers; each sets ``func(args) -> int``."""
+    p = subparsers.add_parser("export-peft", help="convert a lora-lite checkpoint to a PEFT adapter directory")
+    p.add_argument("checkpoint", help="lora-lite .safetensors checkpoint")
+    p.add_argument("output", help="directory to write adapter_config.json + adapter_model.safetensors into")
+    p.add_argument("--model", required=True, help="base model (transformers name or path) the adapter was trained on")
+    p.set_defaults(func=_cli_export)
+    p = subparsers.add_parser("import-peft", help="convert a PEFT LoRA adapter directory to a lora-lite checkpoint")
+    p.add_argument("peft_dir", help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("output", help="lora-lite .safetensors checkpoint to write")
+    p.add_argument("--model", required=True, help="base model (transformers name or path) the adapter belongs to")
+    p.set_defaults(func=_cli_import)
+
+
+__all__ = ["PEFT_FORMATS", "PeftFormat", "add_cli_commands", "export_peft", "import_peft"]

@@ -1,0 +1,90 @@
+"""VeRA: vector-based random matrix adaptation (Kopiczko et al. 2024, https://arxiv.org/abs/2310.11454).
+
+One pair of frozen random matrices is shared by every target of the attachment,
+``A: (r, d_in_max)`` and ``B: (d_out_max, r)`` (the largest input and output widths
+among the targets); a layer uses the leading block ``A[:, :d_in]``, ``B[:d_out, :]``, as
+PEFT slices them. Each layer trains only two vectors::
+
+    y' = y + lambda_b * (B[:d_out] (lambda_d * (A[:, :d_in] x))),   lambda_d: (r,), lambda_b: (d_out,)
+
+``A`` and ``B`` are regenerated from ``projection_prng_key`` at every attach and load
+(a CPU ``torch.Generator`` seeded with it; uniform with bound ``sqrt(6 / fan_in)``, A
+then B, exactly PEFT's draw, so the same key gives PEFT's matrices). They are not saved
+unless ``save_projection=True`` (then every layer's key holds the full shared matrices).
+``alpha`` is not used: the vectors carry the scale.
+
+Identity at init: ``lambda_b`` is zeros, so the update is exactly zero; ``lambda_d``
+starts at ``d_initial`` (0.1, PEFT's default) and is stored in fp32 whatever
+``cfg.dtype`` says, because bf16's spacing near 0.1 (2^-11) swallows small steps.
+
+Layers: any linear-like layer. VeRA never reads the base weight, so quantized layers
+work as they are.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import lora_lite as ll
+
+
+@dataclass
+class VeRAConfig(ll.LoraLiteConfig):
+    variant: str = "vera"
+    projection_prng_key: int = 0
+    save_projection: bool = False
+    d_initial: float = 0.1
+
+    def validate(self):
+        if self.d_initial == 0:
+            raise ll.ConfigError("vera d_initial must be non-zero: with lambda_b = 0 too, no gradient ever flows.")
+
+
+def _projections(cfg, targets, device):
+    g = torch.Generator(device="cpu").manual_seed(cfg.projection_prng_key)
+    d_in, d_out = max(t.d_in for t in targets), max(t.d_out for t in targets)
+    a = torch.empty(cfg.r, d_in).uniform_(-math.sqrt(6 / d_in), math.sqrt(6 / d_in), generator=g)
+    b = torch.empty(d_out, cfg.r).uniform_(-math.sqrt(6 / cfg.r), math.sqrt(6 / cfg.r), generator=g)
+    frozen = lambda t: torch.nn.Parameter(t.to(device=device, dtype=cfg.dtype), requires_grad=False)  # noqa: E731
+    return frozen(a), frozen(b)
+
+
+class VeRA:
+    name = "vera"
+    config_class = VeRAConfig
+
+    @staticmethod
+    @ll.hookimpl
+    def param_specs(d_in, d_out, cfg):
+        shared = {"init": "empty", "trainable": False, "persistent": cfg.save_projection}
+        return {
+            "lora_lambda_d": ll.ParamSpec((cfg.r,), init=cfg.d_initial, keep_fp32=True),
+            "lora_lambda_b": ll.ParamSpec((d_out,), init="zeros"),
+            # placeholders, replaced in init by the attachment's one shared pair
+            "lora_vera_A": ll.ParamSpec((0,), **shared),
+            "lora_vera_B": ll.ParamSpec((0,), **shared),
+        }
+
+    @staticmethod
+    @ll.hookimpl
+    def init(layer, cfg, targets):
+        first = targets[0].layer
+        if layer is first:
+            first.lora_vera_A, first.lora_vera_B = _projections(cfg, targets, layer.lora_lambda_b.device)
+        # the same Parameter object on every layer: one copy in memory, kept shared by model.to()
+        layer.lora_vera_A, layer.lora_vera_B = first.lora_vera_A, first.lora_vera_B
+
+    @staticmethod
+    @ll.hookimpl
+    def forward(layer, x, y):
+        dt = x.dtype
+        # the shared pair lives on the first target's device; a model split over devices
+        # copies the slice per call, as PEFT does (a no-op on one device)
+        a = layer.lora_vera_A[:, : x.shape[-1]].to(x.device, dt)
+        b = layer.lora_vera_B[: y.shape[-1]].to(x.device, dt)
+        h = F.linear(x, a) * layer.lora_lambda_d.to(dt)
+        return y + F.linear(h, b) * layer.lora_lambda_b.to(dt)

@@ -1,0 +1,104 @@
+"""export_peft: lora-lite adapters -> PEFT directories that PeftModel.from_pretrained reproduces."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lora_lite as ll
+
+from .models import tiny_qwen3, token_batch
+
+peft = pytest.importorskip("peft")
+
+
+def trained_like(model, variant="lora", seed=5, **cfg):
+    """Attach and give every adapter tensor non-trivial values (as training would)."""
+    att = ll.attach(model, ll.LoraLiteConfig(variant=variant, r=4, alpha=8.0, **cfg))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in att.adapter_tensors().values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return att
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def peft_logits(directory, batch, seed=0):
+    base = tiny_qwen3(seed)
+    pm = peft.PeftModel.from_pretrained(base, str(directory)).eval()
+    return pm, logits(pm, batch)
+
+
+def peft_lora_tensors(pm):
+    sd = peft.get_peft_model_state_dict(pm)
+    return {k: v for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("cfg, leaves", [
+    ({}, ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
+    ({"target_names": ("q_proj", "v_proj"), "layers": (1,)}, None),
+])
+def test_lora_export_matches_peft_logits(tmp_path, cfg, leaves):
+    model = tiny_qwen3()
+    batch = token_batch()
+    att = trained_like(model, **cfg)
+    ours = logits(model, batch)
+    assert (ours - logits(tiny_qwen3(), batch)).abs().max() > 1e-3, "the adapter must change the outputs"
+    ll.export_peft(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8.0
+    assert config["target_modules"] == (leaves or att.target_names)
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert len(saved) == 2 * len(att) and all(k.startswith("base_model.model.model.layers.") for k in saved)
+    pm, theirs = peft_logits(tmp_path, batch)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+    # every tensor landed in PEFT (it would only warn otherwise) and nothing else was created
+    landed = peft_lora_tensors(pm)
+    assert set(landed) == set(saved)
+    for k, v in saved.items():
+        assert torch.equal(landed[k], v), k
+
+
+def test_pissa_export_loads_onto_the_original_base(tmp_path):
+    model = tiny_qwen3()
+    batch = token_batch()
+    trained_like(model, variant="pissa")
+    ours = logits(model, batch)
+    ll.export_peft(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["lora_alpha"] == 16.0 and config["init_lora_weights"] is True
+    _, theirs = peft_logits(tmp_path, batch)  # a fresh, unmodified base model
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+
+def test_export_then_import_round_trips_exactly(tmp_path):
+    model = tiny_qwen3()
+    att = trained_like(model)
+    ll.export_peft(model, tmp_path)
+    fresh = tiny_qwen3()
+    att2 = ll.import_peft(fresh, tmp_path)
+    assert att2.target_names == att.target_names and att2.cfg.alpha / att2.cfg.r == 2.0
+    a, b = att.adapter_tensors(), att2.adapter_tensors()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_export_refuses_what_peft_cannot_express(tmp_path):
+    with pytest.raises(ll.NotAttachedError):
+        ll.export_peft(tiny_qwen3(), tmp_path / "none")
+    model = tiny_qwen3()
+    ll.attach(model, ll.LoraLiteConfig(variant="delora", r=4, lambda0=1.0))
+    with pytest.raises(ll.PeftInteropError, match="delora.*exportable variants"):
+        ll.export_peft(model, tmp_path / "delora")
+    model = tiny_qwen3()
+    ll.attach(model, ll.LoraLiteConfig(variant="lora", r=4, target_names=("q_proj",)))
+    ll.attach(model, ll.LoraLiteConfig(variant="lora", r=2, target_names=("v_proj",)))
+    with pytest.raises(ll.PeftInteropError, match="2 attachments"):
+        ll.export_peft(model, tmp_path / "two")
+    assert not any(p.exists() for p in (tmp_path / "none", tmp_path / "delora", tmp_path / "two"))
