@@ -78,8 +78,7 @@ def test_input_side_adapters_run_on_bnb_layers(kind, variant, knobs):
     (adapter,) = [p for n, p in layer.named_parameters() if n.startswith("lora_")]
     with torch.no_grad():
         adapter.normal_(std=0.3)
-    (rotate,) = layer._forward_pre_hooks.values()
-    rotated = rotate(layer, (x,))[0].detach()
+    rotated = ll.get_variant(variant).hook("forward_input")(layer, x).detach()
     out = model(x).detach()
     assert (out - base).abs().max().item() > 1e-2
     ll.detach(model)

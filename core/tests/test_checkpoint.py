@@ -1,5 +1,7 @@
 import json
+import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -124,7 +126,7 @@ def test_different_architecture(trained, x):
     path, _ = trained
     torch.manual_seed(0)
     model = ToyTransformer(n_layers=3)
-    with pytest.raises(ll.CheckpointMismatchError, match="target\(s\)"):
+    with pytest.raises(ll.CheckpointMismatchError, match=r"target\(s\)"):
         ll.load(model, path)
     assert ll.attachments(model) == []
 
@@ -162,3 +164,121 @@ def test_multi_attachment_round_trip(x, tmp_path):
     assert torch.equal(model(x), out)
     ll.detach(model)
     assert ll.attachments(model) == []
+
+
+def _train_a_step(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.5)
+
+
+@pytest.mark.parametrize(
+    "fault, expected",
+    [
+        (KeyboardInterrupt("power cut after the temp file was written"), KeyboardInterrupt),
+        (OSError(18, "Invalid cross-device link"), ll.CheckpointError),
+        (PermissionError(13, "Permission denied"), ll.CheckpointError),
+    ],
+    ids=["crash_before_rename", "rename_os_error", "rename_permission_error"],
+)
+def test_failed_rename_keeps_previous_file_and_leaves_no_temp(trained, model, monkeypatch, fault, expected):
+    path, _ = trained
+    before = path.read_bytes()
+    written = []
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        written.append(open(src, "rb").read())  # the temp file is complete: the crash is after the write
+        raise fault
+
+    _train_a_step(model)
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(expected) as info:
+        ll.save(model, path)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert len(written) == 1
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+    if expected is ll.CheckpointError:
+        assert type(info.value) is ll.CheckpointError and info.value.__cause__ is fault
+        assert re.search(r"could not write .*previous file at that path is unchanged.*save to another path", str(info.value))
+    current = {k: v.detach() for a in ll.attachments(model) for k, v in a.adapter_tensors().items()}
+    (path.parent / "interrupted").write_bytes(written[0])
+    for complete in (path.parent / "interrupted", ll.save(model, path)):  # the temp file was whole; a retry works
+        _, tensors = ll.read_checkpoint(complete)
+        assert set(tensors) == set(current) and all(torch.equal(tensors[k], v) for k, v in current.items())
+
+
+def test_full_disk_during_write_is_a_checkpoint_error(trained, model, monkeypatch):
+    path, _ = trained
+    before = path.read_bytes()
+    import lora_lite.checkpoint as ckpt
+
+    def full(tensors, filename, metadata=None):
+        with open(filename, "wb") as fh:
+            fh.write(b"\x00" * 10)
+        raise OSError(28, "No space left on device")
+
+    _train_a_step(model)
+    monkeypatch.setattr(ckpt, "save_file", full)
+    with pytest.raises(ll.CheckpointError, match="No space left on device.*unchanged.*free space"):
+        ll.save(model, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+class _Payload:
+    """Unpickling this runs code: it writes a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('code from the file ran')",))
+
+
+def test_load_never_executes_code_from_the_file(tmp_path, monkeypatch, x):
+    marker = tmp_path / "pwned"
+    payload = _Payload(marker)
+    pickle.loads(pickle.dumps(payload))  # the payload is live: unpickling it runs code
+    assert marker.exists()
+    marker.unlink()
+    files = {
+        "protocol5.pkl": pickle.dumps(payload, protocol=5),
+        "protocol0.pkl": pickle.dumps(payload, protocol=0),  # text pickle, no \x80 magic byte
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    torch.save({"lora_A": payload}, tmp_path / "zip.pt")
+    torch.save({"lora_A": payload}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    names = [*files, "zip.pt", "legacy.pt"]
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("load reached an unpickler")
+
+    monkeypatch.setattr(pickle, "loads", no_unpickling)
+    monkeypatch.setattr(pickle, "load", no_unpickling)
+    monkeypatch.setattr(pickle, "Unpickler", no_unpickling)
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    for name in names:
+        check_refused(tmp_path / name, ll.CheckpointFormatError, "pickle|not a readable safetensors", x)
+        assert not marker.exists(), f"loading {name} executed code from the file"
+
+
+@pytest.mark.parametrize("first_bytes", [b"\x80", b"PK"], ids=["pickle_byte", "zip_bytes"])
+def test_a_header_length_that_looks_like_pickle_or_zip_still_loads(trained, tmp_path, x, first_bytes):
+    """~1 save in 256 has a header length whose low byte is 0x80 (a pickle's first byte)."""
+    path, out = trained
+
+    def padded(pad):
+        return rewrite(path, tmp_path / "odd.safetensors", meta_fn=lambda m: {**m, "pad": "x" * pad})
+
+    # the header length is 8-aligned and grows one byte per pad character
+    length = int.from_bytes(padded(0).read_bytes()[:8], "little")
+    modulus = 256 ** len(first_bytes)
+    odd = padded((int.from_bytes(first_bytes, "little") - length) % modulus)
+    assert odd.read_bytes()[: len(first_bytes)] == first_bytes
+    model = fresh()
+    ll.load(model, odd)
+    assert torch.equal(model(x), out)

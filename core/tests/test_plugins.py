@@ -30,43 +30,6 @@ def test_typed_knobs_and_unknown_knob_error():
         ll.LoraLiteConfig(variant="t_scale", start="big")
 
 
-def test_missing_forward_hook_is_rejected():
-    class NoForward:
-        name = "t_noforward"
-
-        @staticmethod
-        @ll.hookimpl
-        def param_specs(d_in, d_out, cfg):
-            return {}
-
-        @staticmethod
-        def forward(layer, x, y):  # forgot @hookimpl
-            return y
-
-    with pytest.raises(ll.PluginError, match="not decorated"):
-        ll.register(NoForward)
-    with pytest.raises(ll.UnknownVariantError):
-        ll.get_variant("t_noforward")
-
-
-def test_bad_hook_signature_is_rejected():
-    class BadSig:
-        name = "t_badsig"
-
-        @staticmethod
-        @ll.hookimpl
-        def param_specs(d_in, d_out, cfg, extra):
-            return {}
-
-        @staticmethod
-        @ll.hookimpl
-        def forward(layer, x, y):
-            return y
-
-    with pytest.raises(ll.PluginError, match="does not match the contract"):
-        ll.register(BadSig)
-
-
 def test_unknown_hook_name_is_rejected():
     class Typo:
         name = "t_typo"

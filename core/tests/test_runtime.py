@@ -1,26 +1,12 @@
+import re
+
 import pytest
 import torch
 from torch import nn
 
 import lora_lite as ll
 from lora_lite import runtime
-
-
-def snapshot(model):
-    return (
-        {k: v.detach().clone() for k, v in model.state_dict().items()},
-        {n: p.requires_grad for n, p in model.named_parameters()},
-    )
-
-
-def assert_unchanged(model, snap):
-    state, flags = snap
-    now = model.state_dict()
-    assert set(now) == set(state)
-    assert all(torch.equal(now[k], v) for k, v in state.items())
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
-    assert not any(k.startswith("lora_") for m in model.modules() for k in vars(m))
+from lora_lite.testing import assert_model_unchanged, snapshot_model
 
 
 def test_only_adapter_params_train(model):
@@ -30,7 +16,7 @@ def test_only_adapter_params_train(model):
     assert len(trainable) == 2 * len(att)
 
 
-def test_failure_midway_rolls_back(model, monkeypatch):
+def test_failure_midway_rolls_back(model, x):
     class Fails:
         name = "t_fails"
         calls = 0
@@ -55,11 +41,11 @@ def test_failure_midway_rolls_back(model, monkeypatch):
 
     ll.register(Fails)
     try:
-        snap = snapshot(model)
+        snap = snapshot_model(model, x)
         with pytest.raises(ll.AttachError, match="init of .*boom in the 5th init.*rolled back"):
             ll.attach(model, ll.LoraLiteConfig(variant="t_fails"))
         assert Fails.calls == 5
-        assert_unchanged(model, snap)
+        assert_model_unchanged(model, snap, x)
         assert ll.attachments(model) == []
     finally:
         ll.unregister("t_fails")
@@ -67,10 +53,10 @@ def test_failure_midway_rolls_back(model, monkeypatch):
 
 def test_attach_twice_raises_and_changes_nothing(model):
     ll.attach(model, ll.LoraLiteConfig(variant="t_lora", r=2))
-    snap = snapshot(model)
+    snap = snapshot_model(model)
     with pytest.raises(ll.AlreadyAttachedError, match="detach"):
         ll.attach(model, ll.LoraLiteConfig(variant="t_lora", r=2))
-    assert snapshot(model)[0].keys() == snap[0].keys()
+    assert_model_unchanged(model, snap)
 
 
 def test_disjoint_attachments_coexist_and_detach_independently(model, x):
@@ -113,10 +99,10 @@ def test_layer_called_without_positional_input(model):
 
 
 def test_calibration_data_for_a_weight_only_variant(model):
-    snap = snapshot(model)
+    snap = snapshot_model(model)
     with pytest.raises(ll.ConfigError, match="calibration"):
         ll.attach(model, ll.LoraLiteConfig(variant="t_lora"), calibration_data=[torch.randn(1, 32)])
-    assert_unchanged(model, snap)
+    assert_model_unchanged(model, snap)
 
 
 def test_bf16_adapter_keeps_activation_dtype(model, x):
@@ -145,3 +131,92 @@ def test_weight_access_refuses_unknown_storage():
 def test_attach_rejects_non_config(model):
     with pytest.raises(ll.ConfigError):
         runtime.attach(model, {"variant": "t_lora"})
+
+
+class _Mutating:
+    """init rewrites each weight and stores an attribute; group_init calibrates, then fails if told to."""
+
+    name = "t_mutating"
+    fail_in_group_init: BaseException | None = None
+
+    @staticmethod
+    @ll.hookimpl
+    def param_specs(d_in, d_out, cfg):
+        return {"lora_A": ll.ParamSpec((1, d_in)), "lora_m": ll.ParamSpec((d_in,), trainable=False)}
+
+    @staticmethod
+    @ll.hookimpl
+    def init(layer, cfg):
+        ll.replace_dense_weight(layer, ll.dense_weight(layer) * 0.5)
+        layer.lora_half = True
+
+    @staticmethod
+    @ll.hookimpl
+    def group_init(model, targets, cfg, calibration_data):
+        with torch.no_grad():
+            outputs = [model(batch) for batch in calibration_data]
+            for t in targets:
+                t.layer.lora_m.fill_(float(len(outputs)))
+        if _Mutating.fail_in_group_init is not None:
+            raise _Mutating.fail_in_group_init
+
+    @staticmethod
+    @ll.hookimpl
+    def forward(layer, x, y):
+        return y
+
+
+@pytest.fixture
+def mutating():
+    ll.register(_Mutating)
+    yield _Mutating
+    _Mutating.fail_in_group_init = None
+    ll.unregister("t_mutating")
+
+
+@pytest.mark.parametrize("fault", [RuntimeError("group_init blew up"), KeyboardInterrupt()])
+def test_group_init_failure_rolls_back_weights_tensors_and_flags(model, x, mutating, fault):
+    mutating.fail_in_group_init = fault
+    model.layers[0].norm.weight.requires_grad_(False)  # a user-frozen flag must survive
+    snap = snapshot_model(model, x)
+    # an Exception is wrapped in an AttachError naming the stage; a KeyboardInterrupt stays itself
+    expected = ll.AttachError if isinstance(fault, Exception) else KeyboardInterrupt
+    with pytest.raises(expected) as info:
+        ll.attach(model, ll.LoraLiteConfig(variant="t_mutating"), calibration_data=[x, x])
+    if expected is ll.AttachError:
+        assert re.search(r"failed during group_init: RuntimeError: group_init blew up.*rolled back", str(info.value))
+    assert_model_unchanged(model, snap, x)
+
+
+def test_hook_registration_failure_removes_the_hooks_already_registered(model, x, monkeypatch):
+    calls = []
+    real = nn.Module.register_forward_hook
+
+    def flaky(self, hook, **kw):
+        calls.append(self)
+        if len(calls) == 5:
+            raise RuntimeError("out of hook ids")
+        return real(self, hook, **kw)
+
+    snap = snapshot_model(model, x)
+    monkeypatch.setattr(nn.Module, "register_forward_hook", flaky)
+    with pytest.raises(ll.AttachError, match=r"during registering hooks: RuntimeError: out of hook ids.*rolled back"):
+        ll.attach(model, ll.LoraLiteConfig(variant="t_lora", r=2))
+    monkeypatch.undo()
+    assert len(calls) == 5  # four hooks were live when the fifth failed
+    assert_model_unchanged(model, snap, x)
+
+
+def test_failed_second_attach_leaves_the_first_intact(model, x, mutating):
+    first = ll.attach(model, ll.LoraLiteConfig(variant="t_lora", r=2, target_names=(r"q_proj$",)))
+    with torch.no_grad():
+        for p in first.trainable_parameters():
+            p.normal_()
+    snap = snapshot_model(model, x)
+    mutating.fail_in_group_init = RuntimeError("second attach fails")
+    with pytest.raises(ll.AttachError, match="second attach fails"):
+        ll.attach(model, ll.LoraLiteConfig(variant="t_mutating", target_names=(r"up_proj$",)), calibration_data=[x])
+    assert_model_unchanged(model, snap, x)
+    assert ll.attachments(model) == [first]
+    first.detach()
+    assert all(p.requires_grad for p in model.parameters())

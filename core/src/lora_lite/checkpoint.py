@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import LoraLiteConfig
-from .errors import CheckpointFormatError, CheckpointMismatchError
+from .errors import CheckpointError, CheckpointFormatError, CheckpointMismatchError, LoraLiteError, add_context
 from .runtime import Attachment, _state, attach
 
 FORMAT = "lora-lite"
@@ -106,16 +106,22 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
 
 
 def _write_atomically(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        raise CheckpointError(
+            f"could not write {path}: {type(err).__name__}: {err}. Any previous file at that path is unchanged. "
+            "Check free space and write permission there, or save to another path."
+        ) from err
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
 
 
@@ -123,17 +129,21 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[list[dict[str, Any]], dict
     """Parse and validate a checkpoint file; return ``(adapter records, tensors)``."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointFormatError(f"{path} does not exist or is not a file.")
+        raise CheckpointFormatError(f"{path} does not exist or is not a file; check the path.")
     with open(path, "rb") as fh:
-        head = fh.read(16)
+        head = fh.read(9)
     if not head:
-        raise CheckpointFormatError(f"{path} is empty; it is not a lora-lite checkpoint.")
-    # safetensors: an 8-byte little-endian header length, then the JSON header's "{"; the
-    # length's low byte may be 0x80 or spell "PK", so only a file without that "{" is a pickle/zip
-    if head[8:9] != b"{" and (head[:1] == b"\x80" or head[:2] == b"PK"):
+        raise CheckpointFormatError(
+            f"{path} is empty; it is not a lora-lite checkpoint. Load a file written by lora_lite.save."
+        )
+    # safetensors: 8-byte little-endian header length, then the JSON header. Its first byte
+    # can be 0x80 (a pickle's first byte) or its first two "PK" (a zip's), so sniff for a
+    # pickle or torch.save zip only when the JSON header is not where safetensors puts it.
+    if head[8:9] != b"{" and (head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"):
         raise CheckpointFormatError(
             f"{path} looks like a pickle/torch.save file. lora-lite never unpickles (it can execute code); "
-            "checkpoints are safetensors written by lora_lite.save."
+            "checkpoints are safetensors written by lora_lite.save: load the adapter the way it was written and "
+            "re-save it with lora_lite.save."
         )
     try:
         with safe_open(str(path), framework="pt") as fh:
@@ -141,21 +151,25 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[list[dict[str, Any]], dict
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointFormatError(
-            f"{path} is not a readable safetensors file (truncated or corrupt?): {err}."
+            f"{path} is not a readable safetensors file (truncated or corrupt?): {err}. "
+            "Save it again with lora_lite.save, or restore an intact copy."
         ) from None
     if metadata.get("format") != FORMAT:
         raise CheckpointFormatError(
-            f"{path} is a safetensors file but not a lora-lite checkpoint (metadata format={metadata.get('format')!r})."
+            f"{path} is a safetensors file but not a lora-lite checkpoint (metadata format={metadata.get('format')!r}). "
+            "lora_lite.load reads files written by lora_lite.save."
         )
     try:
         version = int(metadata.get("format_version", "0"))
     except ValueError:
         version = -1
     if version != FORMAT_VERSION:
+        fix = ("upgrade lora-lite-core (pip install -U lora-lite-core)" if version > FORMAT_VERSION
+               else "install a lora-lite-core release that reads it")
         raise CheckpointFormatError(
             f"{path} has checkpoint format version {metadata.get('format_version')!r} (written by lora-lite-core "
-            f"{metadata.get('core_version')}); this lora-lite-core {_core_version()} reads version {FORMAT_VERSION}. "
-            "Install a matching lora-lite-core."
+            f"{metadata.get('core_version')}); this lora-lite-core {_core_version()} reads version {FORMAT_VERSION}; "
+            f"{fix}."
         )
     try:
         records = json.loads(metadata["adapters"])
@@ -164,7 +178,9 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[list[dict[str, Any]], dict
         for rec in records:
             rec["config"], rec["targets"], rec["keys"], rec["base_fingerprint"]  # noqa: B018
     except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointFormatError(f"{path} has malformed lora-lite metadata: {err!r}.") from None
+        raise CheckpointFormatError(
+            f"{path} has malformed lora-lite metadata: {err!r}. Save the adapter again with lora_lite.save."
+        ) from None
     return records, tensors
 
 
@@ -174,7 +190,12 @@ def load(model: nn.Module, path: str | os.PathLike) -> list[Attachment]:
     done: list[Attachment] = []
     try:
         for rec in records:
-            cfg = LoraLiteConfig.from_dict(rec["config"])
+            try:
+                cfg = LoraLiteConfig.from_dict(rec["config"])
+            except LoraLiteError as err:  # unknown variant, or a knob this plugin version lacks
+                add_context(err, f"{path} was written with {rec.get('plugin_distribution')} "
+                                 f"{rec.get('plugin_version')} (install that version if yours differs)")
+                raise
             att = attach(model, cfg, _loading=True)
             done.append(att)
             _check_targets(att, rec, path)
@@ -212,6 +233,13 @@ def _check_targets(att: Attachment, rec: dict[str, Any], path) -> None:
         )
 
 
+_REWRITE_HINT = (
+    "The file does not hold what the installed variant declares for its saved config: it was edited, or "
+    "written by another version of the variant plugin. Install the plugin version that wrote it (see "
+    "lora_lite.read_checkpoint(path)[0]) or save the adapter again."
+)
+
+
 def _check_tensors(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], path) -> None:
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -219,17 +247,17 @@ def _check_tensors(expected: dict[str, torch.Tensor], tensors: dict[str, torch.T
         raise CheckpointMismatchError(
             f"{path}: adapter keys do not match the model. Missing from the file: {missing[:10]}"
             f"{' ...' if len(missing) > 10 else ''}; in the file but not in the model: {unexpected[:10]}"
-            f"{' ...' if len(unexpected) > 10 else ''}."
+            f"{' ...' if len(unexpected) > 10 else ''}. {_REWRITE_HINT}"
         )
     for key, param in expected.items():
         t = tensors[key]
         if tuple(t.shape) != tuple(param.shape):
             raise CheckpointMismatchError(
-                f"{path}: {key} has shape {tuple(t.shape)} in the file but {tuple(param.shape)} in the model."
+                f"{path}: {key} has shape {tuple(t.shape)} in the file but {tuple(param.shape)} in the model. "
+                f"{_REWRITE_HINT}"
             )
         if t.dtype != param.dtype:
             raise CheckpointMismatchError(
-                f"{path}: {key} is {t.dtype} in the file but {param.dtype} in the model; "
-                "the file was written with a different dtype setting."
+                f"{path}: {key} is {t.dtype} in the file but {param.dtype} in the model. {_REWRITE_HINT}"
             )
 

@@ -203,7 +203,8 @@ def _matches(value: Any, hint: Any) -> bool:
 
 
 def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    # Literal/Union/tuple[...] carry a bare __name__ ("Literal"); their str names the allowed values
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 __all__ = ["LoraLiteConfig", "ROLES", "field"]

@@ -47,7 +47,7 @@ class CalibrationError(LoraLiteError):
 
 
 class CheckpointError(LoraLiteError):
-    """A checkpoint cannot be read, or it does not fit the model it is loaded into."""
+    """A checkpoint cannot be written or read, or it does not fit the model it is loaded into."""
 
 
 class CheckpointFormatError(CheckpointError):
@@ -72,3 +72,10 @@ class MissingDependencyError(LoraLiteError, ImportError):
 
 class ModelLoadError(LoraLiteError):
     """A base model could not be loaded (no such path, not cached while offline, bad files)."""
+
+
+def add_context(err: LoraLiteError, context: str) -> LoraLiteError:
+    """Prefix ``err``'s message with ``context`` (which target, which file), keeping its type."""
+    if err.args and isinstance(err.args[0], str) and not err.args[0].startswith(context):
+        err.args = (f"{context}: {err.args[0]}", *err.args[1:])
+    return err

@@ -81,8 +81,9 @@ def group_init(model, targets, cfg, calibration_data):
     reloads without data. Run the model on the data with temporary hooks, remove them,
     then write the tensors. ``init`` has already run for every target, so a variant
     that both calibrates and rewrites base weights rewrites them here, after
-    calibrating, never in ``init``. Raise
-    :class:`lora_lite.CalibrationError` for empty or non-finite data.
+    calibrating, never in ``init``. Core has already refused empty data and NaN/inf in
+    floating tensors (:class:`lora_lite.CalibrationError`); raise it yourself for
+    anything else your variant cannot calibrate on.
 
     Optional. If it raises, the whole attach is rolled back.
 
@@ -91,7 +92,10 @@ def group_init(model, targets, cfg, calibration_data):
         ``.d_out``.
     :param cfg: the variant's config.
     :param calibration_data: an iterable of whole-model inputs (a dict of tensors for
-        HF models, or a tensor), exactly what the user passed.
+        HF models, or a tensor): what the user passed if it is a tensor, dict, list or
+        tuple (checked whole before this hook runs); a stream (generator, DataLoader)
+        comes wrapped so that each batch is checked as you read it (``len`` still works
+        when the stream has one). Iterate it once.
     :returns: ignored.
     """
 

@@ -14,6 +14,9 @@ Environment variables (read at discovery):
     comma-separated entry-point or distribution names to load; unset = all, empty = none.
 ``LORA_LITE_DISABLE_PLUGINS``
     comma-separated entry-point or distribution names never to load.
+
+A variant left out this way is never imported; asking for it raises
+:class:`UnknownVariantError` naming the variable that hid it.
 """
 
 from __future__ import annotations
@@ -74,6 +77,8 @@ class _Registry:
         self.variants: dict[str, VariantInfo] = {}
         self.entry_point_kinds: list[str] = []
         self.broken: list[BrokenPlugin] = []
+        # entry-point name -> why it was not loaded (an environment variable)
+        self.skipped: dict[str, str] = {}
         self.discovered = False
 
 
@@ -126,7 +131,11 @@ def _register(plugin: Any, *, distribution: str | None, version: str | None, rep
     try:
         pm.register(plugin, name=f"lora_lite.variant.{name}")
     except pluggy.PluginValidationError as err:
-        raise PluginError(f"variant {name!r} has a hook that does not match the contract: {err}") from err
+        specs = ", ".join(f"{h}({', '.join(getattr(pm.hook, h).spec.argnames)})" for h in HOOK_NAMES)
+        raise PluginError(
+            f"variant {name!r} has a hook that does not match the contract: {err}. Fix its signature: a "
+            f"@lora_lite.hookimpl may take a subset of its spec's arguments and no others; the specs are {specs}."
+        ) from err
     try:
         unknown = [hc.name for hc in pm.get_hookcallers(plugin) or [] if not hc.has_spec()]
         if unknown:
@@ -195,7 +204,18 @@ def _entry_points(group: str):
         dist = ep.dist.name if ep.dist is not None else None
         version = ep.dist.version if ep.dist is not None else None
         names = {ep.name, dist}
-        if names & disabled or (only is not None and not names & only):
+        where = f"{dist} {version}"
+        if names & disabled:
+            _registry.skipped[ep.name] = (
+                f"installed ({where}) but disabled by LORA_LITE_DISABLE_PLUGINS="
+                f"{os.environ['LORA_LITE_DISABLE_PLUGINS']!r}; remove {ep.name!r} from that variable to use it"
+            )
+            continue
+        if only is not None and not names & only:
+            _registry.skipped[ep.name] = (
+                f"installed ({where}) but not selected by LORA_LITE_PLUGINS={os.environ['LORA_LITE_PLUGINS']!r}; "
+                f"add {ep.name!r} to that variable, or unset it to load every installed plugin"
+            )
             continue
         yield ep, dist, version
 
@@ -245,11 +265,13 @@ def get_variant(name: str) -> VariantInfo:
     info = _registry.variants.get(name)
     if info is not None:
         return info
+    if name in _registry.skipped:
+        raise UnknownVariantError(f"variant {name!r} is {_registry.skipped[name]}.")
     for broken in _registry.broken:
         if broken.name == name:
             raise UnknownVariantError(
                 f"variant {name!r} is installed ({broken.distribution} {broken.version}) but failed to load: "
-                f"{broken.error}. Reinstall or fix that plugin."
+                f"{broken.error}. Reinstall or fix that plugin (lora_lite.broken_plugins() lists every failure)."
             )
     installed = sorted(_registry.variants) or ["none"]
     raise UnknownVariantError(

@@ -8,8 +8,9 @@ on attention plus IA3-FF on the MLP, say). The model keeps its bookkeeping in
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,11 +19,13 @@ from .config import LoraLiteConfig
 from .errors import (
     AlreadyAttachedError,
     AttachError,
+    CalibrationError,
     ConfigError,
     ForwardError,
     LoraLiteError,
     NotAttachedError,
     PluginError,
+    add_context,
 )
 from .params import ParamSpec
 from .plugins import VariantInfo, get_variant
@@ -71,7 +74,9 @@ class Attachment:
     def detach(self) -> None:
         """Remove this attachment's hooks and tensors, undo weight changes."""
         if not self.live:
-            raise NotAttachedError("this attachment was already detached.")
+            raise NotAttachedError(
+                "this attachment was already detached; lora_lite.attachments(model) lists the live ones."
+            )
         state = _state(self.model)
         _undo(self)
         state.attachments.remove(self)
@@ -116,35 +121,120 @@ def _weight_fingerprint(layer: nn.Module) -> list[float]:
         return [float(w64.sum()), float((w64 * w64).sum())]
 
 
-def _make_post_hook(fwd):
-    def hook(module, args, output):
-        if not args:
-            raise ForwardError(
-                f"{type(module).__name__} was called without a positional input; lora-lite adapters read "
-                "the layer's first positional argument. Call the layer as layer(x)."
-            )
+def _bad_call(name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    where = f"{name} ({type(module).__name__})"
+    if not args:
+        raise ForwardError(
+            f"{where} was called without a positional input tensor (keyword arguments: {sorted(kwargs)}); "
+            "a lora-lite adapter reads the layer's input as its one positional argument. Call it as layer(x)."
+        )
+    if not isinstance(args[0], torch.Tensor):
+        raise ForwardError(
+            f"{where} was called with a {type(args[0]).__name__} as its input, not a torch.Tensor. "
+            "Call it as layer(x) with a tensor x."
+        )
+    raise ForwardError(
+        f"{where} was called with extra arguments ({len(args) - 1} more positional, keyword arguments "
+        f"{sorted(kwargs)}); a lora-lite adapter computes from the input tensor alone and would silently "
+        "ignore them. Call it as layer(x), or keep this layer out of the targets (exclude_names)."
+    )
+
+
+# The hooks take kwargs so that a call the adapter cannot represent (no tensor, extra
+# arguments) fails loudly instead of being half-adapted; the check is three cheap tests.
+def _make_post_hook(fwd, name: str):
+    def hook(module, args, kwargs, output):
+        if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+            _bad_call(name, module, args, kwargs)
         return fwd(module, args[0], output)
 
     return hook
 
 
-def _make_pre_hook(fwd_in):
-    def hook(module, args):
-        if not args:
-            raise ForwardError(
-                f"{type(module).__name__} was called without a positional input; lora-lite adapters read "
-                "the layer's first positional argument. Call the layer as layer(x)."
-            )
-        return (fwd_in(module, args[0]), *args[1:])
+def _make_pre_hook(fwd_in, name: str):
+    def hook(module, args, kwargs):
+        if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+            _bad_call(name, module, args, kwargs)
+        return (fwd_in(module, args[0]),), kwargs
 
     return hook
+
+
+def _non_finite(item: Any, where: str) -> str | None:
+    """Where in ``item`` (nested mappings/sequences) a floating tensor holds NaN or inf."""
+    if isinstance(item, torch.Tensor):
+        return where if item.is_floating_point() and not bool(torch.isfinite(item).all()) else None
+    if isinstance(item, Mapping):
+        children = ((f"{where}[{k!r}]", v) for k, v in item.items())
+    elif isinstance(item, (list, tuple)):
+        children = ((f"{where}[{i}]", v) for i, v in enumerate(item))
+    else:
+        return None
+    for child_where, child in children:
+        found = _non_finite(child, child_where)
+        if found:
+            return found
+    return None
+
+
+def _raise_non_finite(where: str) -> None:
+    raise CalibrationError(
+        f"{where} holds NaN or inf values; statistics calibrated on it would be non-finite. "
+        "Drop or clean those batches (e.g. torch.nan_to_num) and attach again."
+    )
+
+
+class _CheckedBatches:
+    """A stream (generator, DataLoader) checked batch by batch as ``group_init`` reads it:
+    checking it up front would consume a generator or read a DataLoader twice."""
+
+    def __init__(self, data: Iterable[Any]) -> None:
+        self.data = data
+
+    def __iter__(self):
+        for i, batch in enumerate(self.data):
+            bad = _non_finite(batch, f"calibration_data batch {i}")
+            if bad:
+                _raise_non_finite(bad)
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+def _checked_calibration(data: Any) -> Any:
+    """Reject empty or non-finite calibration data before ``group_init`` sees it.
+
+    In-memory data (a tensor, mapping, list or tuple) is checked whole, now, and passed
+    on unchanged; any other iterable is wrapped to be checked as it is read. A failure
+    inside ``group_init`` rolls the attach back, so the model is untouched either way.
+    """
+    if isinstance(data, (torch.Tensor, Mapping, list, tuple)):
+        if (data.numel() if isinstance(data, torch.Tensor) else len(data)) == 0:
+            raise CalibrationError(
+                f"calibration_data is an empty {type(data).__name__}; pass at least one batch of model inputs."
+            )
+        bad = _non_finite(data, "calibration_data")
+        if bad:
+            _raise_non_finite(bad)
+        return data
+    if not isinstance(data, Iterable):
+        raise CalibrationError(
+            f"calibration_data must be an iterable of model inputs (a list of batches, a DataLoader), "
+            f"got {type(data).__name__}."
+        )
+    return _CheckedBatches(data)
 
 
 def _collect_specs(variant: VariantInfo, targets: list[Target], cfg: LoraLiteConfig) -> dict[str, dict[str, ParamSpec]]:
     param_specs = variant.hook("param_specs")
     specs = {}
     for t in targets:
-        got = param_specs(t.d_in, t.d_out, cfg)
+        try:
+            got = param_specs(t.d_in, t.d_out, cfg)
+        except LoraLiteError as err:
+            add_context(err, f"{variant.name}: param_specs of {t.name} ({t.d_in} -> {t.d_out})")
+            raise
         if not isinstance(got, dict) or not all(isinstance(s, ParamSpec) for s in got.values()):
             raise PluginError(f"variant {variant.name!r}: param_specs must return dict[str, ParamSpec], got {got!r}.")
         for pname in got:
@@ -170,9 +260,14 @@ def attach(
     Afterwards only ``lora_*`` tensors require grad.
     """
     if not isinstance(cfg, LoraLiteConfig):
-        raise ConfigError(f"attach expects a lora_lite.LoraLiteConfig, got {type(cfg).__name__}.")
+        raise ConfigError(
+            f"attach expects a lora_lite.LoraLiteConfig, got {type(cfg).__name__}; "
+            "build one with lora_lite.LoraLiteConfig(variant=..., r=..., ...)."
+        )
     if not isinstance(model, nn.Module):
-        raise AttachError(f"attach expects a torch.nn.Module, got {type(model).__name__}.")
+        raise AttachError(
+            f"attach expects a torch.nn.Module, got {type(model).__name__}; pass the model as the first argument."
+        )
     variant = get_variant(cfg.variant)
     if not isinstance(cfg, variant.config_class):
         raise ConfigError(
@@ -200,6 +295,8 @@ def attach(
             f"variant {variant.name!r} takes no calibration data (it has no group_init hook); "
             "drop calibration_data, or pick a data-calibrated variant."
         )
+    if calibration_data is not None:
+        calibration_data = _checked_calibration(calibration_data)
     specs = _collect_specs(variant, targets, cfg)
     fingerprint = {t.name: _weight_fingerprint(t.layer) for t in targets}
 
@@ -216,7 +313,7 @@ def attach(
                 t.layer.register_parameter(pname, spec.materialize(cfg.dtype, device))
             t.layer.lora_cfg = cfg
             if init is not None:
-                stage = f"init of {t.name}"
+                stage = f"init of {t.name} ({type(t.layer).__name__})"
                 init(t.layer, cfg, targets)
         if group_init is not None and not _loading:
             stage = "group_init"
@@ -225,14 +322,17 @@ def attach(
         fwd, fwd_in = variant.hook("forward"), variant.hook("forward_input")
         for t in targets:
             if fwd_in is not None:
-                att.hook_handles.append(t.layer.register_forward_pre_hook(_make_pre_hook(fwd_in)))
+                pre = _make_pre_hook(fwd_in, t.name)
+                att.hook_handles.append(t.layer.register_forward_pre_hook(pre, with_kwargs=True))
             if fwd is not None:
-                att.hook_handles.append(t.layer.register_forward_hook(_make_post_hook(fwd)))
+                post = _make_post_hook(fwd, t.name)
+                att.hook_handles.append(t.layer.register_forward_hook(post, with_kwargs=True))
     except BaseException as err:
         _undo(att)
         if first:
             _restore_requires_grad(model, requires_grad)
         if isinstance(err, LoraLiteError):
+            add_context(err, f"{variant.name}: {stage} (rolled back)")
             raise
         if not isinstance(err, Exception):
             raise

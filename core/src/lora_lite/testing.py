@@ -306,4 +306,54 @@ class VariantConformance:
         assert again == cfg and type(again) is type(cfg)
 
 
-__all__ = ["VariantConformance", "ToyTransformer", "ToyBlock", "IDENTITY_ATOL"]
+def _frozen(t: torch.Tensor) -> Any:
+    if t.device.type == "meta":
+        return ("meta", tuple(t.shape), t.dtype)
+    return t.detach().clone()
+
+
+def _same(a: Any, b: Any) -> bool:
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) else a == b
+
+
+def snapshot_model(model: nn.Module, batch: Any = None, run: Any = None) -> dict[str, Any]:
+    """Everything a refused or failed call must leave as it was.
+
+    Every ``state_dict`` tensor (keys and values), every parameter's ``requires_grad``,
+    every module's forward hooks, every ``lora_*`` attribute, the live attachments and,
+    if ``batch`` is given, the outputs ``run(model, batch)`` (default ``model(batch)``).
+    Compare two snapshots with :func:`assert_model_unchanged`.
+    """
+    snap = {
+        "state": {k: _frozen(v) for k, v in model.state_dict().items()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "hooks": {n: (tuple(m._forward_pre_hooks), tuple(m._forward_hooks)) for n, m in model.named_modules()},
+        "lora_attrs": sorted(f"{n}.{k}" for n, m in model.named_modules() for k in vars(m)
+                             if k.startswith(("lora_", "_lora_lite"))),
+        "attachments": [id(a) for a in ll.attachments(model)],
+    }
+    if batch is not None:
+        snap["outputs"] = _frozen(_outputs(model, run or (lambda m, b: m(b)), batch))
+    return snap
+
+
+def assert_model_unchanged(model: nn.Module, before: dict[str, Any], batch: Any = None, run: Any = None) -> None:
+    """Assert ``model`` matches ``before`` (from :func:`snapshot_model`) bit for bit."""
+    now = snapshot_model(model, batch if "outputs" in before else None, run)
+    assert set(now["state"]) == set(before["state"]), (
+        f"state_dict keys changed: added {sorted(set(now['state']) - set(before['state']))}, "
+        f"removed {sorted(set(before['state']) - set(now['state']))}"
+    )
+    changed = [k for k, v in before["state"].items() if not _same(v, now["state"][k])]
+    assert not changed, f"tensors changed: {changed}"
+    assert now["requires_grad"] == before["requires_grad"], "requires_grad flags changed"
+    assert now["hooks"] == before["hooks"], "forward hooks were added or removed"
+    assert now["lora_attrs"] == before["lora_attrs"], f"lora attributes changed: {now['lora_attrs']}"
+    assert now["attachments"] == before["attachments"], "the model's live attachments changed"
+    if "outputs" in before:
+        assert _same(now["outputs"], before["outputs"]), "the model's outputs changed"
+
+
+__all__ = [
+    "VariantConformance", "ToyTransformer", "ToyBlock", "IDENTITY_ATOL", "snapshot_model", "assert_model_unchanged",
+]

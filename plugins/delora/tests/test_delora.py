@@ -67,3 +67,19 @@ def test_parity_with_peft():
             torch.testing.assert_close(t.layer.lora_w_norm, p.delora_w_norm["default"])
     x = torch.randn(2, 5, 32)
     torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+
+
+def test_fp16_model_identity_and_finite_gradients():
+    """At init B = 0 clamps its norm to 1e-4, so the per-rank scale is ~1e5: past fp16's range
+    if computed in the activation dtype (it was: every gradient was NaN)."""
+    torch.manual_seed(0)
+    model = ToyTransformer().half()
+    x = torch.randn(2, 6, 32).half()
+    base = model(x).detach()
+    att = ll.attach(model, ll.LoraLiteConfig(variant="delora", r=4))  # the paper's lambda0 = 15
+    out = model(x)
+    assert torch.equal(out.detach(), base)
+    out.float().pow(2).mean().backward()
+    grads = {k: p.grad for k, p in att.adapter_tensors().items() if p.requires_grad}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    assert sum(float(g.float().norm()) for g in grads.values()) > 0

@@ -71,7 +71,7 @@ def _saved_numel(layer, tokens):
     x = torch.randn(tokens, layer.in_features, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        layer._forward_pre_hooks[next(iter(layer._forward_pre_hooks))](layer, (x,))
+        ll.get_variant("hra").hook("forward_input")(layer, x)
     return sum(saved)
 
 

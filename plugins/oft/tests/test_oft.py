@@ -97,13 +97,13 @@ def test_block_size_that_does_not_divide_d_in_moves_to_the_nearest_divisor():
 def test_backward_keeps_one_activation_copy():
     layer = nn.Linear(64, 64)
     ll.attach(nn.Sequential(layer), ll.LoraLiteConfig(variant="oft", oft_block_size=8))
-    hook = next(iter(layer._forward_pre_hooks.values()))
+    rotate = ll.get_variant("oft").hook("forward_input")
 
     def saved_numel(tokens):
         saved = []
         x = torch.randn(tokens, 64, requires_grad=True)
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-            hook(layer, (x,))
+            rotate(layer, x)
         return sum(saved)
 
     assert (saved_numel(300) - saved_numel(100)) / 200 == 64

@@ -63,10 +63,12 @@ class DeLoRA:
     @ll.hookimpl
     def forward(layer, x, y):
         dt = x.dtype
-        a, b = layer.lora_A.to(dt), layer.lora_B.to(dt)
-        scale = layer.lora_lambda.to(dt) * layer.lora_inv_r / (
-            a.norm(dim=1).clamp_min(1e-4) * b.norm(dim=0).clamp_min(1e-4)
+        a, b = layer.lora_A, layer.lora_B
+        # while B is ~0 its clamped norm makes the per-rank scale huge (~1e5 at init, past fp16's
+        # 65504): compute it in fp32 and fold it into B, where B * scale is small (0 at init)
+        scale = layer.lora_lambda * layer.lora_inv_r / (
+            a.float().norm(dim=1).clamp_min(1e-4) * b.float().norm(dim=0).clamp_min(1e-4)
         )
         # fold the weight norms into A (r x d_in) instead of scaling x (batch x d_in)
-        h = F.linear(x, a * layer.lora_w_norm.to(dt)) * scale
-        return y + F.linear(h, b)
+        h = F.linear(x, a.to(dt) * layer.lora_w_norm.to(dt))
+        return y + F.linear(h, (b.float() * scale).to(dt))
