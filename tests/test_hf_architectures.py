@@ -19,7 +19,7 @@ VARIANTS = [v.name for v in ll.list_variants()]
 
 def _cfg(variant: str, **kw) -> ll.LoraLiteConfig:
     knobs = KIT_SETTINGS.get(variant, {}).get("config_kwargs", {})
-    return ll.LoraLiteConfig(variant=variant, r=4, alpha=8, **knobs, **kw)
+    return ll.LoraLiteConfig(**{"variant": variant, "r": 4, "alpha": 8, **knobs, **kw})
 
 
 def _logits(model, batch):
