@@ -63,6 +63,22 @@ def test_pickle_is_refused(tmp_path, x):
     check_refused(p2, ll.CheckpointFormatError, "pickle", x)
 
 
+@pytest.mark.parametrize("magic", [b"\x80", b"PK"])
+def test_header_length_that_looks_like_a_pickle_or_zip_still_loads(trained, tmp_path, x, magic):
+    """A safetensors file starts with its header length; 0x80 or "PK" there is a valid file."""
+    path, out = trained
+
+    def padded(n):
+        return rewrite(path, tmp_path / "odd.safetensors", meta_fn=lambda m: {**m, "pad": "x" * n})
+
+    # the header grows one byte per pad character (then is aligned to 8): aim, then search nearby
+    aim = (int.from_bytes(magic, "little") - int.from_bytes(padded(0).read_bytes()[:8], "little")) % 256 ** len(magic)
+    p = next(p for n in range(max(0, aim - 16), aim + 17) if (p := padded(n)).read_bytes()[: len(magic)] == magic)
+    model = fresh()
+    ll.load(model, p)
+    assert torch.equal(model(x), out)
+
+
 def test_empty_truncated_corrupt_missing(trained, tmp_path, x):
     path, _ = trained
     data = path.read_bytes()

@@ -86,16 +86,18 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[list[dict[str, Any]], dict
         head = fh.read(16)
     if not head:
         raise CheckpointFormatError(f"{path} is empty; it is not a lora-lite checkpoint.")
-    if head[:1] == b"\x80" or head[:2] == b"PK":
-        raise CheckpointFormatError(
-            f"{path} looks like a pickle/torch.save file. lora-lite never unpickles (it can execute code); "
-            "checkpoints are safetensors written by lora_lite.save."
-        )
     try:
         with safe_open(str(path), framework="pt") as fh:
             metadata = fh.metadata() or {}
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except (SafetensorError, OSError, ValueError) as err:
+        # sniff only what safetensors rejected: a valid file's first bytes are its header
+        # length, which may well be 0x80 or "PK"
+        if head[:1] == b"\x80" or head[:2] == b"PK":
+            raise CheckpointFormatError(
+                f"{path} looks like a pickle/torch.save file. lora-lite never unpickles (it can execute code); "
+                "checkpoints are safetensors written by lora_lite.save."
+            ) from None
         raise CheckpointFormatError(
             f"{path} is not a readable safetensors file (truncated or corrupt?): {err}."
         ) from None
