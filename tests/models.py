@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 
 
-def tiny_qwen3(seed: int = 0, layers: int = 2):
+def tiny_qwen3(seed: int = 0, layers: int = 2, **config):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
     cfg = Qwen3Config(
         vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64, **config,
     )
     return Qwen3ForCausalLM(cfg).eval()
 

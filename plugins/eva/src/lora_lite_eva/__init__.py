@@ -1,0 +1,170 @@
+"""EVA: explained variance adaptation (Paischer et al. 2024, https://arxiv.org/abs/2410.07170).
+
+LoRA whose ``A`` starts on the directions where the layer's inputs vary most. With the
+centred covariance ``C = Cov(x)`` of a target's inputs ``x`` over the calibration tokens
+and its top-r eigenvectors ``v_1..v_r`` (the principal components)::
+
+    A = [v_1 ... v_r]^T,   B = 0,   y' = y + (alpha / r) * B A x
+
+Calibration (``group_init``) runs the model once over ``calibration_data`` with temporary
+pre-hooks that gather every target's inputs into a mean and centred scatter matrix
+(float64, merged batch by batch with Chan's update: exact whatever the batching).
+Padding tokens (``attention_mask == 0``) and ignored tokens (``labels == label_mask_value``,
+-100 by default) are left out. The sign of each component is fixed as PEFT's incremental
+PCA does it (largest-magnitude entry positive), so the result is deterministic. The
+rank is the same ``r`` for every target: PEFT's rank redistribution (``rho > 1``) and
+whitening are not implemented. Memory: one ``d_in x d_in`` float64 matrix per target.
+
+Calibration only reads activations and never changes a weight; ``A`` is a persistent
+adapter tensor, so ``load`` needs no data.
+
+Identity at init: ``B = 0``, so ``B A x = 0`` and ``y' = y`` exactly.
+
+Layers: any linear-like layer (EVA never reads the base weight, so quantized layers
+work); the targets' inputs must be ``(batch, seq, d_in)`` when padding is masked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import lora_lite as ll
+
+
+@dataclass
+class EVAConfig(ll.LoraLiteConfig):
+    variant: str = "eva"
+    label_mask_value: int = -100
+
+
+class _Moments:
+    """Token count, mean and centred scatter of one target's inputs (Chan et al.'s merge)."""
+
+    def __init__(self):
+        self.n, self.mean, self.scatter = 0, 0.0, 0.0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.to(torch.float64)
+        n_b, mean_b = x.shape[0], x.mean(0)
+        xc = x - mean_b
+        delta, n = mean_b - self.mean, self.n + n_b
+        self.scatter = self.scatter + xc.T @ xc + torch.outer(delta, delta) * (self.n * n_b / n)
+        self.mean, self.n = self.mean + delta * (n_b / n), n
+
+
+def _capture(name, moments, batch_mask):
+    def hook(module, args):
+        x = args[0].detach()
+        if not torch.isfinite(x).all():
+            raise ll.CalibrationError(f"eva: the inputs of {name} contain NaN or inf; check the calibration data.")
+        mask = batch_mask[0]
+        if mask is not None and not bool(mask.all()):
+            if x.shape[:-1] != mask.shape:
+                raise ll.CalibrationError(
+                    f"eva: {name} sees inputs of shape {tuple(x.shape)} that do not align with the attention "
+                    f"mask {tuple(mask.shape)}, so padding cannot be masked; pass unpadded calibration batches."
+                )
+            x = x[mask]
+        if x.shape[0]:
+            moments.add(x.reshape(-1, x.shape[-1]))
+
+    return hook
+
+
+def _run_batch(model, batch, cfg, batch_mask):
+    device = next(model.parameters()).device
+    if isinstance(batch, torch.Tensor):
+        batch_mask[0] = None
+        return model(batch.to(device))
+    if not isinstance(batch, Mapping):
+        raise ll.CalibrationError(
+            f"eva: a calibration batch is a {type(batch).__name__}; pass dicts of model inputs "
+            "(e.g. a tokenizer's output, with attention_mask and optionally labels) or tensors."
+        )
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    labels = inputs.pop("labels", None)
+    mask = inputs.get("attention_mask")
+    mask = None if mask is None else mask.bool()
+    if labels is not None:
+        keep = labels != cfg.label_mask_value
+        mask = keep if mask is None else mask & keep
+    batch_mask[0] = mask
+    return model(**inputs)
+
+
+def principal_components(model, targets, cfg, calibration_data) -> dict[str, torch.Tensor]:
+    """``{target name: (r, d_in) top-r principal components of its inputs}`` over the data."""
+    if calibration_data is None:
+        raise ll.CalibrationError(
+            "eva initialises lora_A from the principal components of each target's inputs and needs data: "
+            "call lora_lite.attach(model, cfg, calibration_data=batches) with a few batches of model inputs."
+        )
+    if isinstance(calibration_data, (torch.Tensor, Mapping)):
+        calibration_data = [calibration_data]
+    moments = {t.name: _Moments() for t in targets}
+    batch_mask = [None]
+    handles = [t.layer.register_forward_pre_hook(_capture(t.name, moments[t.name], batch_mask)) for t in targets]
+    training, seen = model.training, 0
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in calibration_data:
+                _run_batch(model, batch, cfg, batch_mask)
+                seen += 1
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(training)
+    if not seen:
+        raise ll.CalibrationError("eva: calibration_data yielded no batches; pass at least one batch of inputs.")
+    out = {}
+    for t in targets:
+        m = moments[t.name]
+        if m.n <= cfg.r:
+            raise ll.CalibrationError(
+                f"eva: {t.name} saw {m.n} unmasked calibration tokens; r={cfg.r} components need more than r. "
+                "Pass more (or less padded) calibration data."
+            )
+        _, vecs = torch.linalg.eigh(m.scatter / (m.n - 1))
+        comps = vecs[:, -cfg.r:].flip(-1).T
+        peak = comps.abs().argmax(dim=1, keepdim=True)
+        out[t.name] = comps * torch.sign(comps.gather(1, peak))
+    return out
+
+
+class EVA:
+    name = "eva"
+    config_class = EVAConfig
+
+    @staticmethod
+    @ll.hookimpl
+    def param_specs(d_in, d_out, cfg):
+        if cfg.r > d_in:
+            raise ll.ConfigError(f"eva r={cfg.r} exceeds a target's d_in={d_in}; lower r or narrow the targets.")
+        return {
+            "lora_A": ll.ParamSpec((cfg.r, d_in), init="zeros"),
+            "lora_B": ll.ParamSpec((d_out, cfg.r), init="zeros"),
+        }
+
+    @staticmethod
+    @ll.hookimpl
+    def init(layer, cfg):
+        layer.lora_scaling = cfg.alpha / cfg.r
+
+    @staticmethod
+    @ll.hookimpl
+    def group_init(model, targets, cfg, calibration_data):
+        comps = principal_components(model, targets, cfg, calibration_data)
+        with torch.no_grad():
+            for t in targets:
+                t.layer.lora_A.copy_(comps[t.name])
+
+    @staticmethod
+    @ll.hookimpl
+    def forward(layer, x, y):
+        h = F.linear(x, layer.lora_A.to(x.dtype)) * layer.lora_scaling
+        return y + F.linear(h, layer.lora_B.to(x.dtype))

@@ -1,0 +1,57 @@
+"""(IA)^3: infused adapter by inhibiting and amplifying inner activations (Liu et al. 2022,
+https://arxiv.org/abs/2205.05638). Two placements, two variants:
+
+``ia3`` (output gate, post-hook; the paper's keys and values)::
+
+    y' = l_out * (W x + b),        l_out: (d_out,)
+
+``ia3_ff`` (input gate, pre-hook; the paper's feed-forward down projection)::
+
+    y' = W (l_in * x) + b,         l_in: (d_in,)
+
+The output gate scales the bias too, as PEFT's IA3 does (it multiplies the base
+layer's whole output); the input gate leaves the bias alone.
+
+The paper's setup uses both at once: attach ``ia3`` on k/v and ``ia3_ff`` on the
+down projection, two ``lora_lite.attach`` calls on disjoint targets;
+``save``/``load``/``detach`` handle both attachments together.
+
+Identity at init: every gate starts at exactly 1.0, so ``y' = y``. The gates are
+stored in float32 whatever ``cfg.dtype`` says: bf16's spacing near 1.0 (2^-7) would
+swallow small optimizer steps and freeze them. ``r`` and ``alpha`` are not used.
+
+Layers: any linear-like layer (``nn.Linear``, bitsandbytes 4/8-bit, ``Conv1D``): the
+gates act on activations only and never read the base weight.
+"""
+
+from __future__ import annotations
+
+import lora_lite as ll
+
+
+class IA3:
+    name = "ia3"
+
+    @staticmethod
+    @ll.hookimpl
+    def param_specs(d_in, d_out, cfg):
+        return {"lora_l": ll.ParamSpec((d_out,), init="ones", keep_fp32=True)}
+
+    @staticmethod
+    @ll.hookimpl
+    def forward(layer, x, y):
+        return y * layer.lora_l.to(y.dtype)
+
+
+class IA3FF:
+    name = "ia3_ff"
+
+    @staticmethod
+    @ll.hookimpl
+    def param_specs(d_in, d_out, cfg):
+        return {"lora_l": ll.ParamSpec((d_in,), init="ones", keep_fp32=True)}
+
+    @staticmethod
+    @ll.hookimpl
+    def forward_input(layer, x):
+        return x * layer.lora_l.to(x.dtype)
