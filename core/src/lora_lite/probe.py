@@ -173,7 +173,9 @@ def _run_checks(row, variant, make_base, batch, settings, workdir, on_step) -> N
     model.eval()
     base = _logits(model, batch)
     torch.manual_seed(settings.seed)  # random adapter inits (kaiming A) are reproducible run to run
-    att = attach(model, config_for(variant, settings))
+    # data-calibrated variants (group_init) calibrate on the probe's own batch
+    calibration = [batch] if get_variant(variant).hook("group_init") is not None else None
+    att = attach(model, config_for(variant, settings), calibration_data=calibration)
     row.targets = len(att.targets)
     row.target_names = att.target_names
     trainable = att.trainable_parameters()
