@@ -97,3 +97,16 @@ def test_components_match_peft_eva_on_the_same_data():
     for t in att.targets:
         err = (t.layer.lora_A - theirs[t.name]).abs().max().item()
         assert err <= 1e-4, f"{t.name}: max |A - A_peft| = {err:.2e}"
+
+
+def test_calibration_restores_every_modules_own_train_mode():
+    """A model may mix modes (bnb 8-bit layers compute differently in train and eval):
+    calibration must give each module back its own mode, not just the root's."""
+    from lora_lite.testing import ToyTransformer
+
+    model = ToyTransformer().eval()
+    model.layers[1].train()
+    modes = {name: m.training for name, m in model.named_modules()}
+    batch = torch.randn(2, 5, 32)
+    ll.attach(model, ll.LoraLiteConfig(variant="eva", r=2), calibration_data=[batch])
+    assert {name: m.training for name, m in model.named_modules()} == modes

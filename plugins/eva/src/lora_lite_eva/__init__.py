@@ -108,7 +108,9 @@ def principal_components(model, targets, cfg, calibration_data) -> dict[str, tor
     moments = {t.name: _Moments() for t in targets}
     batch_mask = [None]
     handles = [t.layer.register_forward_pre_hook(_capture(t.name, moments[t.name], batch_mask)) for t in targets]
-    training, seen = model.training, 0
+    # restore every module's own mode afterwards, not just the root's: a model may mix
+    # them (bnb 8-bit layers compute differently in train and eval mode)
+    modes, seen = [(m, m.training) for m in model.modules()], 0
     model.eval()
     try:
         with torch.no_grad():
@@ -118,7 +120,8 @@ def principal_components(model, targets, cfg, calibration_data) -> dict[str, tor
     finally:
         for h in handles:
             h.remove()
-        model.train(training)
+        for module, mode in modes:
+            module.training = mode
     if not seen:
         raise ll.CalibrationError("eva: calibration_data yielded no batches; pass at least one batch of inputs.")
     out = {}
