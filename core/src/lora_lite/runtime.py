@@ -117,8 +117,9 @@ def _weight_fingerprint(layer: nn.Module) -> list[float]:
     except LoraLiteError:
         w = layer.weight
     with torch.no_grad():
-        w64 = w.detach().to(torch.float64)
-        return [float(w64.sum()), float((w64 * w64).sum())]
+        w64 = w.detach().to(torch.float64).reshape(-1)
+        # dot, not (w64 * w64).sum(): no second weight-sized temporary (attach is ~2/3 fingerprint)
+        return [float(w64.sum()), float(torch.dot(w64, w64))]
 
 
 def _bad_call(name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:

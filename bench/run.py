@@ -1,0 +1,516 @@
+"""lora-lite vs PEFT vs the frozen base, side by side in one process.
+
+    hatch run bench:run            # default (~10-15 min on 2 CPU cores)
+    hatch run bench:run --quick    # tiny shape only, fewer repeats (~1-2 min)
+    python -m bench.run --help
+
+Every timing interleaves the contestants round by round and reports medians; a ratio is
+the median of per-round ratios (lite / PEFT), so < 1 means lora-lite is faster. Results
+go to bench/results/ as results.json, results.md (with machine info) and ratios.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import lora_lite as ll
+
+from .memory import peak_bytes
+from .timing import race, ratio
+from .variants import PAIRINGS, TARGET_SETS, Pairing, available, lite_config
+
+SHAPES = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 intermediate_size=192),
+    "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+                  intermediate_size=1536),
+    "large": dict(hidden_size=1024, num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=8, head_dim=64,
+                  intermediate_size=3072),
+}
+VOCAB, BATCH, SEQ = 1024, 4, 128
+TARGETS = {"tiny": 0.85, "small": 0.95, "layer": 0.7, "quickstart": 1.0, "attach": 0.15, "pissa_init": 1.0}
+
+
+def qwen3(shape: str, seed: int = 0, layers: int | None = None) -> nn.Module:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    dims = {**SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})}
+    cfg = Qwen3Config(vocab_size=VOCAB, max_position_embeddings=SEQ, use_cache=False, **dims)
+    return Qwen3ForCausalLM(cfg)
+
+
+def batch(seed: int = 1, bs: int = BATCH, seq: int = SEQ) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (bs, seq), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# -- contestants ---------------------------------------------------------------------
+
+def make_base(base: nn.Module) -> nn.Module:
+    """The frozen base; its 'train step' backpropagates to the embeddings' output (the
+    floor any adapter pays: gradients through every layer, no weight gradients)."""
+    model = copy.deepcopy(base)
+    model.requires_grad_(False)
+    model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_())
+    return model
+
+
+def make_peft(base: nn.Module, p: Pairing, targets: tuple[str, ...], data: dict) -> nn.Module:
+    from peft import get_peft_model
+
+    model = get_peft_model(copy.deepcopy(base), p.peft_config(targets))
+    if p.peft_calibrate is not None:
+        p.peft_calibrate(model, data)
+    return model
+
+
+def make_lite(base: nn.Module, p: Pairing, targets: tuple[str, ...], data: dict, **overrides) -> nn.Module:
+    model = copy.deepcopy(base)
+    ll.attach(model, lite_config(p, targets, **overrides), calibration_data=[data] if p.calibrated else None)
+    return model
+
+
+def step_fns(model: nn.Module, data: dict):
+    """(train step, inference forward) closures for one model."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    labels = data["input_ids"]
+
+    def train():
+        model.train()
+        loss = model(**data, labels=labels).loss
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    def opt_state():
+        return [[v for v in st.values() if isinstance(v, torch.Tensor)] for st in opt.state.values()] if opt else []
+
+    train.opt_state = opt_state
+
+    def infer():
+        model.eval()
+        with torch.no_grad():
+            model(**data)
+
+    return train, infer
+
+
+# -- measurements --------------------------------------------------------------------
+
+def bench_models(shapes, pairings, args, log) -> list[dict]:
+    """Train step and inference forward: base vs PEFT vs lite, per shape/targets/variant,
+    plus the quickstart's bf16-adapter lora against PEFT's fp32 adapter."""
+    rows = []
+    data = batch()
+    for shape in shapes:
+        base = qwen3(shape)
+        jobs = [(p, tk, {}) for tk in TARGET_SETS for p in pairings]
+        if "lora" in {p.name for p in pairings}:
+            jobs.append((PAIRINGS["lora"], "all", {"dtype": torch.bfloat16}))
+        for p, tk, overrides in jobs:
+            targets = TARGET_SETS[tk]
+            label = "lora-bf16 (quickstart)" if overrides else p.name
+            models = {"base": make_base(base), "peft": make_peft(base, p, targets, data),
+                      "lite": make_lite(base, p, targets, data, **overrides)}
+            row = {"shape": shape, "targets": tk, "variant": label,
+                   "trainable": {"peft": trainable(models["peft"]), "lite": trainable(models["lite"])}}
+            row["trainable_equal"] = row["trainable"]["peft"] == row["trainable"]["lite"]
+            fns = {k: step_fns(m, data) for k, m in models.items()}
+            for i, kind in enumerate(("train", "infer")):
+                res = race({k: f[i] for k, f in fns.items()}, args.repeats, warmup=args.warmup)
+                row[kind] = {
+                    "median_s": res["median_s"],
+                    "lite_over_peft": ratio(res, "lite", "peft"),
+                    "lite_over_base": ratio(res, "lite", "base"),
+                    "peft_over_base": ratio(res, "peft", "base"),
+                }
+            rows.append(row)
+            log(f"  {shape:5} {tk:3} {label:22} train lite/peft {row['train']['lite_over_peft']:.3f}  "
+                f"infer lite/peft {row['infer']['lite_over_peft']:.3f}  "
+                f"params {row['trainable']['lite']}/{row['trainable']['peft']}")
+            del models, fns
+    return rows
+
+
+def bench_layer(args, log) -> list[dict]:
+    """One adapted layer call: plain Linear vs PEFT's lora.Linear vs a hooked Linear."""
+    from peft import LoraConfig, get_peft_model
+
+    rows = []
+    for d in (64, 512):
+        torch.manual_seed(0)
+        plain = nn.Sequential()
+        plain.add_module("proj", nn.Linear(d, d))
+        peft_model = get_peft_model(copy.deepcopy(plain), LoraConfig(r=8, lora_alpha=16, target_modules=["proj"]))
+        peft_layer = peft_model.base_model.model.proj
+        lite = copy.deepcopy(plain)
+        ll.attach(lite, ll.LoraLiteConfig(variant="lora", r=8, alpha=16))
+        layers = {"plain": plain.proj, "peft": peft_layer, "lite": lite.proj}
+        x = torch.randn(BATCH, SEQ, d)
+        for mode in ("no_grad", "grad"):
+            ctx = torch.no_grad if mode == "no_grad" else torch.enable_grad
+
+            def call(layer=None):
+                with ctx():
+                    layer(x)
+
+            fns = {k: (lambda layer=layer: call(layer)) for k, layer in layers.items()}
+            res = race(fns, args.repeats, inner=args.layer_inner, warmup=3)
+            row = {"d": d, "x": [BATCH, SEQ, d], "mode": mode, "median_us": {k: v * 1e6 for k, v in res["median_s"].items()},
+                   "lite_over_peft": ratio(res, "lite", "peft"), "lite_over_plain": ratio(res, "lite", "plain"),
+                   "peft_over_plain": ratio(res, "peft", "plain")}
+            rows.append(row)
+            log(f"  layer d={d:4} {mode:7} plain {row['median_us']['plain']:.1f}us peft {row['median_us']['peft']:.1f}us "
+                f"lite {row['median_us']['lite']:.1f}us  lite/peft {row['lite_over_peft']:.3f}")
+    return rows
+
+
+def bench_attach(shape, args, log) -> list[dict]:
+    """``ll.attach`` vs ``get_peft_model`` (fresh deep copies, copying untimed)."""
+    from peft import get_peft_model
+
+    base = qwen3(shape)
+    p = PAIRINGS["lora"]
+    rows = []
+    for tk, targets in TARGET_SETS.items():
+        times = {"lite": [], "peft": []}
+        for r in range(args.repeats):
+            order = ("lite", "peft") if r % 2 == 0 else ("peft", "lite")
+            for who in order:
+                model = copy.deepcopy(base)
+                cfg = lite_config(p, targets) if who == "lite" else p.peft_config(targets)
+                t0 = time.perf_counter()
+                if who == "lite":
+                    ll.attach(model, cfg)
+                else:
+                    get_peft_model(model, cfg)
+                times[who].append(time.perf_counter() - t0)
+                del model
+        res = {"rounds_s": times, "median_s": {k: sorted(v)[len(v) // 2] for k, v in times.items()}}
+        row = {"shape": shape, "targets": tk, "median_ms": {k: v * 1e3 for k, v in res["median_s"].items()},
+               "lite_over_peft": ratio(res, "lite", "peft")}
+        rows.append(row)
+        log(f"  attach {shape} {tk}: lite {row['median_ms']['lite']:.1f}ms peft {row['median_ms']['peft']:.1f}ms "
+            f"ratio {row['lite_over_peft']:.3f}")
+    return rows
+
+
+def _identity_error(model, ref, data) -> float:
+    with torch.no_grad():
+        out = model(**data).logits
+    return float((out - ref).abs().max() / ref.abs().max())
+
+
+def bench_pissa_init(shape, args, log) -> dict:
+    """PiSSA init on q/v: lite full SVD vs lite lowrank vs PEFT ``pissa_niter_4``."""
+    from peft import LoraConfig, get_peft_model
+
+    base = qwen3(shape).eval()
+    data = batch(bs=1, seq=32)
+    with torch.no_grad():
+        ref = base(**data).logits
+    p = PAIRINGS["pissa"]
+    cfgs = {
+        "lite_full": lambda: lite_config(p, TARGET_SETS["qv"], svd="full"),
+        "lite_lowrank": lambda: lite_config(p, TARGET_SETS["qv"], svd="lowrank", niter=4),
+        "peft_niter4": lambda: LoraConfig(r=8, lora_alpha=16, target_modules=list(TARGET_SETS["qv"]),
+                                          init_lora_weights="pissa_niter_4"),
+    }
+    times = {k: [] for k in cfgs}
+    err = {}
+    for r in range(max(1, args.init_repeats)):
+        names = list(cfgs)
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            model = copy.deepcopy(base)
+            cfg = cfgs[name]()
+            t0 = time.perf_counter()
+            if name.startswith("peft"):
+                model = get_peft_model(model, cfg)
+            else:
+                ll.attach(model, cfg)
+            times[name].append(time.perf_counter() - t0)
+            if r == 0:
+                err[name] = _identity_error(model, ref, data)
+            del model
+    res = {"rounds_s": times, "median_s": {k: sorted(v)[len(v) // 2] for k, v in times.items()}}
+    out = {"shape": shape, "targets": "qv", "median_s": res["median_s"], "identity_rel_err": err,
+           "lowrank_over_peft": ratio(res, "lite_lowrank", "peft_niter4"),
+           "full_over_peft": ratio(res, "lite_full", "peft_niter4")}
+    log(f"  pissa init {shape}: " + "  ".join(f"{k} {v:.2f}s (err {err[k]:.1e})" for k, v in res["median_s"].items()))
+    return out
+
+
+def bench_memory(shape, pairings, log) -> list[dict]:
+    """Peak live tensor bytes during one steady-state training step (params, grads,
+    optimizer state, activations, temporaries)."""
+    data = batch()
+    base = qwen3(shape)
+    rows = []
+    for tk, targets in TARGET_SETS.items():
+        for p in pairings:
+            peak = {}
+            for who in ("base", "peft", "lite"):
+                model = {"base": make_base, "peft": make_peft, "lite": make_lite}[who](
+                    base, *(() if who == "base" else (p, targets, data)))
+                train, _ = step_fns(model, data)
+                train()  # optimizer state exists from here on
+                opt_state = [t for st in getattr(train, "opt_state", lambda: [])() for t in st]
+                held = [*model.parameters(), *model.buffers(), *opt_state, *data.values()]
+                peak[who] = peak_bytes(train, held)
+                del model, train
+            row = {"shape": shape, "targets": tk, "variant": p.name, "peak_bytes": peak,
+                   "lite_over_peft": peak["lite"] / peak["peft"]}
+            rows.append(row)
+            log(f"  memory {shape} {tk} {p.name}: base {peak['base'] / 2**20:.1f}MiB peft {peak['peft'] / 2**20:.1f}MiB "
+                f"lite {peak['lite'] / 2**20:.1f}MiB ratio {row['lite_over_peft']:.3f}")
+    return rows
+
+
+def bench_compile(shape, pairings, args, log) -> list[dict]:
+    """``torch.compile(model, fullgraph=True)`` per variant (all linears): does it compile,
+    and the compiled/eager ratio of the train step. Two blocks: compile time grows with
+    depth, and what can break fullgraph is the same in every block."""
+    import torch._dynamo
+
+    data = batch()
+    base = qwen3(shape, layers=2)
+    rows = []
+    for p in pairings:
+        torch._dynamo.reset()
+        model = make_lite(base, p, TARGET_SETS["all"], data)
+        eager_train, _ = step_fns(model, data)
+        row = {"shape": shape, "variant": p.name}
+        try:
+            compiled = torch.compile(model, fullgraph=True)
+            t0 = time.perf_counter()
+            compiled_train, _ = step_fns(compiled, data)
+            compiled_train()
+            row["compile_s"] = time.perf_counter() - t0
+            row["compiles"] = True
+            res = race({"eager": eager_train, "compiled": compiled_train}, args.repeats, warmup=1)
+            row["compiled_over_eager"] = ratio(res, "compiled", "eager")
+            log(f"  compile {shape} {p.name}: ok in {row['compile_s']:.1f}s, compiled/eager {row['compiled_over_eager']:.3f}")
+        except Exception as err:
+            row["compiles"] = False
+            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            log(f"  compile {shape} {p.name}: FAILED {row['error']}")
+        rows.append(row)
+        del model
+    return rows
+
+
+# -- report --------------------------------------------------------------------------
+
+def machine_info() -> dict:
+    import peft
+    import transformers
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
+        "peft": peft.__version__, "transformers": transformers.__version__, "lora_lite": ll.__version__,
+    }
+
+
+def _mark(value: float, target: float) -> str:
+    return "ok" if value <= target else "MISS"
+
+
+def markdown(res: dict) -> str:
+    m = res["machine"]
+    out = [
+        "# lora-lite benchmark", "",
+        f"Command: `{res['command']}`  ",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, load average "
+        f"{m['loadavg_start']} -> {m.get('loadavg_end')}; Python {m['python']}, torch {m['torch']}, "
+        f"peft {m['peft']}, transformers {m['transformers']}, lora-lite {m['lora_lite']}.  ",
+        f"Repeats {res['args']['repeats']} (interleaved rounds; ratios are medians of per-round ratios, "
+        f"lite / PEFT, < 1 is faster). Batch {BATCH} x {SEQ}, r=8, alpha=16, fp32 model. Wall time {res['wall_s']:.0f}s.",
+        "",
+        "## Train step (fwd + bwd + AdamW) and inference forward", "",
+        "| shape | targets | variant | train lite/PEFT | target | infer lite/PEFT | train lite/base | train PEFT/base "
+        "| lite ms | PEFT ms | base ms | trainable lite = PEFT |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res["models"]:
+        t = TARGETS["quickstart"] if "quickstart" in r["variant"] else TARGETS.get(r["shape"], 1.0)
+        tr = r["train"]
+        out.append(
+            f"| {r['shape']} | {r['targets']} | {r['variant']} | {tr['lite_over_peft']:.3f} | <= {t} "
+            f"{_mark(tr['lite_over_peft'], t)} | {r['infer']['lite_over_peft']:.3f} | {tr['lite_over_base']:.3f} | "
+            f"{tr['peft_over_base']:.3f} | {tr['median_s']['lite'] * 1e3:.1f} | {tr['median_s']['peft'] * 1e3:.1f} | "
+            f"{tr['median_s']['base'] * 1e3:.1f} | {r['trainable']['lite']} = {r['trainable']['peft']} "
+            f"{'yes' if r['trainable_equal'] else 'NO'} |"
+        )
+    out += ["", "## One adapted layer call (lora r=8)", "",
+            "| d | x | autograd | plain us | PEFT us | lite us | lite/PEFT | target | lite/plain |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["layer"]:
+        out.append(f"| {r['d']} | {'x'.join(map(str, r['x']))} | {r['mode']} | {r['median_us']['plain']:.1f} | "
+                   f"{r['median_us']['peft']:.1f} | {r['median_us']['lite']:.1f} | {r['lite_over_peft']:.3f} | "
+                   f"<= {TARGETS['layer']} {_mark(r['lite_over_peft'], TARGETS['layer'])} | {r['lite_over_plain']:.2f} |")
+    out += ["", "## Attach (lora) vs get_peft_model", "", "| shape | targets | lite ms | PEFT ms | lite/PEFT | target |",
+            "|---|---|---|---|---|---|"]
+    for r in res["attach"]:
+        out.append(f"| {r['shape']} | {r['targets']} | {r['median_ms']['lite']:.1f} | {r['median_ms']['peft']:.1f} | "
+                   f"{r['lite_over_peft']:.3f} | <= {TARGETS['attach']} {_mark(r['lite_over_peft'], TARGETS['attach'])} |")
+    if res.get("pissa_init"):
+        r = res["pissa_init"]
+        out += ["", f"## PiSSA init ({r['shape']}, q/v)", "", "| method | seconds | identity rel. error |", "|---|---|---|"]
+        for k, v in r["median_s"].items():
+            out.append(f"| {k} | {v:.3f} | {r['identity_rel_err'][k]:.1e} |")
+        out.append(f"\nlowrank / PEFT niter4: {r['lowrank_over_peft']:.3f} (target <= 1 "
+                   f"{_mark(r['lowrank_over_peft'], 1.0)}); full / PEFT niter4: {r['full_over_peft']:.2f}.")
+    out += ["", "## Peak memory of a training step (live tensor bytes, MiB)", "",
+            "| shape | targets | variant | base | PEFT | lite | lite/PEFT |", "|---|---|---|---|---|---|---|"]
+    for r in res["memory"]:
+        pb = {k: v / 2**20 for k, v in r["peak_bytes"].items()}
+        out.append(f"| {r['shape']} | {r['targets']} | {r['variant']} | {pb['base']:.1f} | {pb['peft']:.1f} | "
+                   f"{pb['lite']:.1f} | {r['lite_over_peft']:.3f} {_mark(r['lite_over_peft'], 1.0)} |")
+    out += ["", "## torch.compile(model, fullgraph=True), train step, all linears, 2 blocks", "",
+            "| shape | variant | compiles | compile s | compiled/eager |", "|---|---|---|---|---|"]
+    for r in res["compile"]:
+        out.append(f"| {r['shape']} | {r['variant']} | {'yes' if r['compiles'] else 'NO: ' + r['error']} | "
+                   f"{r.get('compile_s', float('nan')):.1f} | {r.get('compiled_over_eager', float('nan')):.3f} |")
+    if res["skipped"]:
+        out += ["", "## Skipped variants", ""] + [f"- {k}: {v}" for k, v in res["skipped"].items()]
+    return "\n".join(out) + "\n"
+
+
+def chart(res: dict, path: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib not installed; no chart"
+    labels, values, targets = [], [], []
+    for r in res["models"]:
+        t = TARGETS["quickstart"] if "quickstart" in r["variant"] else TARGETS.get(r["shape"], 1.0)
+        labels.append(f"train {r['shape']} {r['targets']} {r['variant']}")
+        values.append(r["train"]["lite_over_peft"])
+        targets.append(t)
+    for r in res["layer"]:
+        labels.append(f"layer d={r['d']} {r['mode']}")
+        values.append(r["lite_over_peft"])
+        targets.append(TARGETS["layer"])
+    for r in res["attach"]:
+        labels.append(f"attach {r['shape']} {r['targets']}")
+        values.append(r["lite_over_peft"])
+        targets.append(TARGETS["attach"])
+    if res.get("pissa_init"):
+        labels.append("pissa init lowrank")
+        values.append(res["pissa_init"]["lowrank_over_peft"])
+        targets.append(1.0)
+    for r in res["memory"]:
+        labels.append(f"peak mem {r['shape']} {r['targets']} {r['variant']}")
+        values.append(r["lite_over_peft"])
+        targets.append(1.0)
+    fig, ax = plt.subplots(figsize=(9, 0.28 * len(labels) + 1.2))
+    ys = range(len(labels))
+    colors = ["tab:green" if v <= t else "tab:red" for v, t in zip(values, targets)]
+    ax.barh(list(ys), values, color=colors)
+    ax.scatter(targets, list(ys), marker="|", color="black", s=120, label="target", zorder=3)
+    ax.axvline(1.0, color="grey", lw=0.8)
+    ax.set_yticks(list(ys), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("lora-lite / PEFT (lower is better)")
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny shape only, fewer repeats, small init model")
+    ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds per measurement")
+    ap.add_argument("--variants", default=None, help="comma-separated subset of variants")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: models,layer,attach,pissa,memory,compile")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is steadiest on a shared box)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = ap.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else 7
+    args.warmup = 1
+    torch.set_num_threads(args.threads)
+    args.layer_inner = 50 if args.quick else 200
+    args.init_repeats = 1 if args.quick else 3
+    skip = {s for s in args.skip.split(",") if s}
+    shapes = ["tiny"] if args.quick else ["tiny", "small"]
+    init_shape = "small" if args.quick else "large"
+
+    def log(msg):
+        print(msg, flush=True)
+
+    pairings, skipped = available()
+    if args.variants:
+        wanted = set(args.variants.split(","))
+        pairings = [p for p in pairings if p.name in wanted]
+    log(f"variants: {[p.name for p in pairings]}; skipped: {skipped or 'none'}")
+    t0 = time.perf_counter()
+    res = {"command": "python -m bench.run " + " ".join(sys.argv[1:] if argv is None else argv),
+           "args": {"quick": args.quick, "repeats": args.repeats}, "machine": machine_info(),
+           "targets": TARGETS, "variants": [p.name for p in pairings], "skipped": skipped,
+           "models": [], "layer": [], "attach": [], "pissa_init": None, "memory": [], "compile": []}
+    if "models" not in skip:
+        log("train step / inference forward:")
+        res["models"] = bench_models(shapes, pairings, args, log)
+    if "layer" not in skip:
+        log("layer call:")
+        res["layer"] = bench_layer(args, log)
+    if "attach" not in skip:
+        log("attach:")
+        res["attach"] = bench_attach(shapes[-1], args, log)
+    if "pissa" not in skip and "pissa" in {p.name for p in pairings}:
+        log("pissa init:")
+        res["pissa_init"] = bench_pissa_init(init_shape, args, log)
+    if "memory" not in skip:
+        log("peak memory:")
+        res["memory"] = bench_memory(shapes[-1], pairings, log)
+    if "compile" not in skip:
+        log("torch.compile fullgraph:")
+        res["compile"] = bench_compile("tiny", pairings, args, log)
+    res["wall_s"] = time.perf_counter() - t0
+    res["machine"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(res, indent=1, default=str))
+    md = markdown(res)
+    (args.out / "results.md").write_text(md)
+    note = chart(res, args.out / "ratios.png")
+    print("\n" + md)
+    log(f"wrote {args.out}/results.json, results.md" + (f" ({note})" if note else ", ratios.png"))
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Which PEFT config reproduces each lora-lite variant, for side-by-side runs.
+
+One row per variant name: the lora-lite config knobs (beyond ``variant``, ``r``, ``alpha``
+and the targets) and a factory for the equivalent PEFT config. A variant that is not
+installed, or whose installed config rejects these knobs, is skipped with the reason
+recorded in the results, so the bench keeps running while plugins come and go. A plugin
+author whose knob names differ edits their row here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import lora_lite as ll
+
+QV = ("q_proj", "v_proj")
+ALL_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGET_SETS = {"qv": QV, "all": ALL_LINEARS}
+R, ALPHA = 8, 16
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """How to build the same adapter in lora-lite and in PEFT."""
+
+    name: str
+    peft_config: Callable[[tuple[str, ...]], Any]
+    lite_knobs: dict[str, Any] = field(default_factory=dict)
+    # ``(peft_model, batch) -> None`` for data-calibrated inits (EVA)
+    peft_calibrate: Callable[[Any, dict], None] | None = None
+    calibrated: bool = False
+    only_targets: tuple[str, ...] | None = None
+
+
+def _lora(**kw):
+    def make(targets):
+        from peft import LoraConfig
+
+        return LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(targets), **kw)
+
+    return make
+
+
+def _peft(cls_name: str, **kw):
+    def make(targets):
+        import peft
+
+        return getattr(peft, cls_name)(target_modules=list(targets), **kw)
+
+    return make
+
+
+def _ia3(targets):
+    from peft import IA3Config
+
+    ff = [t for t in targets if t == "down_proj"]
+    return IA3Config(target_modules=list(targets), feedforward_modules=ff)
+
+
+def _eva(targets):
+    from peft import EvaConfig, LoraConfig
+
+    return LoraConfig(
+        r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(targets),
+        init_lora_weights="eva", eva_config=EvaConfig(rho=1.0),
+    )
+
+
+def _eva_calibrate(peft_model, batch):
+    from peft import initialize_lora_eva_weights
+
+    initialize_lora_eva_weights(peft_model, dataloader=[batch], show_progress_bar=False)
+
+
+PAIRINGS: dict[str, Pairing] = {p.name: p for p in [
+    Pairing("lora", _lora()),
+    Pairing("pissa", _lora(init_lora_weights="pissa_niter_4"), {"svd": "lowrank", "niter": 4}),
+    Pairing("delora", _peft("DeloraConfig", r=R, delora_lambda=15), {"lambda0": 15.0}),
+    Pairing("dora", _lora(use_dora=True)),
+    Pairing("vera", _peft("VeraConfig", r=R, vera_dropout=0.0)),
+    Pairing("ia3", _ia3),
+    Pairing("hra", _peft("HRAConfig", r=R)),
+    Pairing("oft", _peft("OFTConfig", r=0, oft_block_size=32), {"block_size": 32}),
+    Pairing("road", _peft("RoadConfig", variant="road_1", group_size=32), {"road_variant": "road_1", "group_size": 32}),
+    Pairing("eva", _eva, {}, peft_calibrate=_eva_calibrate, calibrated=True),
+]}
+
+
+def lite_config(p: Pairing, targets: tuple[str, ...], **overrides) -> ll.LoraLiteConfig:
+    names = (r"\.(" + "|".join(targets) + r")$",)
+    kw = {"variant": p.name, "r": R, "alpha": ALPHA, "target_names": names, **p.lite_knobs, **overrides}
+    return ll.LoraLiteConfig(**kw)
+
+
+def available() -> tuple[list[Pairing], dict[str, str]]:
+    """``(pairings to run, {name: why skipped})`` for this environment."""
+    installed = {v.name for v in ll.list_variants()}
+    run, skipped = [], {}
+    for p in PAIRINGS.values():
+        if p.name not in installed:
+            skipped[p.name] = "lora-lite plugin not installed"
+            continue
+        try:
+            lite_config(p, QV)
+            p.peft_config(QV)
+        except Exception as err:  # a knob rename in a plugin or PEFT: report, keep going
+            skipped[p.name] = f"{type(err).__name__}: {err}"
+            continue
+        run.append(p)
+    for name in sorted(installed - set(PAIRINGS)):
+        skipped[name] = "no PEFT counterpart in bench/variants.py"
+    return run, skipped
