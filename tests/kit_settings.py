@@ -20,3 +20,10 @@ KIT_SETTINGS: dict[str, dict] = {
     # RoAd needs d_out divisible by group_size; the test models' widths are 16/32/64 (PEFT's default 64)
     "road": {"config_kwargs": {"group_size": 8}},
 }
+
+
+def calibration_for(variant: str, batch):
+    """``[batch]`` for a data-calibrated variant (one with a ``group_init`` hook), else ``None``."""
+    import lora_lite as ll
+
+    return [batch] if ll.get_variant(variant).hook("group_init") is not None else None

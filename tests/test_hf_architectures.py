@@ -10,7 +10,7 @@ import torch
 import lora_lite as ll
 
 from .hf_tiny_models import ARCHS
-from .kit_settings import KIT_SETTINGS
+from .kit_settings import KIT_SETTINGS, calibration_for
 
 pytest.importorskip("transformers")
 
@@ -35,7 +35,7 @@ def test_default_targeting_train_save_load_exact(arch, variant, tmp_path):
     batch = spec.batch()
     base = _logits(model, batch)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    att = ll.attach(model, _cfg(variant))
+    att = ll.attach(model, _cfg(variant), calibration_data=calibration_for(variant, batch))
     names = att.target_names
     assert names and not any("lm_head" in n or "embed" in n for n in names)
     # tied output heads (BERT's cls.predictions.decoder is the word-embedding tensor) are skipped

@@ -7,7 +7,7 @@ import torch
 
 import lora_lite as ll
 
-from .kit_settings import KIT_SETTINGS
+from .kit_settings import KIT_SETTINGS, calibration_for
 from .models import tiny_qwen3, token_batch
 
 pytest.importorskip("transformers")
@@ -27,7 +27,8 @@ def test_generate_equals_base_at_init_and_differs_after_training(variant, tmp_pa
     base = _generate(model, prompt)
     assert base.shape == (2, 18)
     knobs = KIT_SETTINGS.get(variant, {}).get("config_kwargs", {})
-    att = ll.attach(model, ll.LoraLiteConfig(**{"variant": variant, "r": 4, "alpha": 8, **knobs}))
+    cfg = ll.LoraLiteConfig(**{"variant": variant, "r": 4, "alpha": 8, **knobs})
+    att = ll.attach(model, cfg, calibration_data=calibration_for(variant, token_batch(128, seed=5)))
     assert torch.equal(_generate(model, prompt), base)
 
     # teach the adapter a different continuation: the base's own output, shifted by one token

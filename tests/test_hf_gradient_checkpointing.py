@@ -9,7 +9,7 @@ import torch
 
 import lora_lite as ll
 
-from .kit_settings import KIT_SETTINGS
+from .kit_settings import KIT_SETTINGS, calibration_for
 from .models import tiny_qwen3, token_batch
 
 pytest.importorskip("transformers")
@@ -21,7 +21,8 @@ VARIANTS = [v.name for v in ll.list_variants()]
 def _attached(variant: str):
     model = tiny_qwen3(0, layers=3).train()
     knobs = KIT_SETTINGS.get(variant, {}).get("config_kwargs", {})
-    att = ll.attach(model, ll.LoraLiteConfig(**{"variant": variant, "r": 4, "alpha": 8, **knobs}))
+    cfg = ll.LoraLiteConfig(**{"variant": variant, "r": 4, "alpha": 8, **knobs})
+    att = ll.attach(model, cfg, calibration_data=calibration_for(variant, token_batch(128, seed=6)))
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():  # move off init so every adapter tensor has a non-zero gradient
         for p in att.trainable_parameters():

@@ -61,7 +61,7 @@ def test_batching_does_not_change_the_components():
 
 @pytest.mark.parametrize("data, match", [
     (None, "needs data"),
-    ([], "no batches"),
+    ([], "empty list"),  # core checks emptiness before group_init
     ([torch.full((2, 6, 32), float("nan"))], "NaN or inf"),
     ([torch.randn(1, 3, 32)], "unmasked calibration tokens"),
     ([[1, 2, 3]], "pass dicts of model inputs"),

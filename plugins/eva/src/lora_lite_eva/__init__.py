@@ -61,14 +61,18 @@ def _capture(name, moments, batch_mask):
         x = args[0].detach()
         if not torch.isfinite(x).all():
             raise ll.CalibrationError(f"eva: the inputs of {name} contain NaN or inf; check the calibration data.")
-        mask = batch_mask[0]
-        if mask is not None and not bool(mask.all()):
-            if x.shape[:-1] != mask.shape:
+        masks = batch_mask[0]
+        if masks:
+            # the first mask shaped like this layer's tokens: encoder layers of an
+            # encoder-decoder model match attention_mask, decoder layers the labels
+            fitting = [m for m in masks if m.shape == x.shape[:-1]]
+            if fitting:
+                x = x[fitting[0]]
+            elif not all(bool(m.all()) for m in masks):
                 raise ll.CalibrationError(
-                    f"eva: {name} sees inputs of shape {tuple(x.shape)} that do not align with the attention "
-                    f"mask {tuple(mask.shape)}, so padding cannot be masked; pass unpadded calibration batches."
+                    f"eva: {name} sees inputs of shape {tuple(x.shape)} that align with no mask "
+                    f"{[tuple(m.shape) for m in masks]}, so padding cannot be masked; pass unpadded calibration batches."
                 )
-            x = x[mask]
         if x.shape[0]:
             moments.add(x.reshape(-1, x.shape[-1]))
 
@@ -87,12 +91,14 @@ def _run_batch(model, batch, cfg, batch_mask):
         )
     inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     labels = inputs.pop("labels", None)
-    mask = inputs.get("attention_mask")
-    mask = None if mask is None else mask.bool()
+    masks = [inputs[k].bool() for k in ("attention_mask", "decoder_attention_mask") if inputs.get(k) is not None]
     if labels is not None:
         keep = labels != cfg.label_mask_value
-        mask = keep if mask is None else mask & keep
-    batch_mask[0] = mask
+        # decoder-only: padding and ignored labels share positions, so combine them
+        masks = [m & keep for m in masks if m.shape == keep.shape] + masks + [keep]
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            inputs["labels"] = labels  # the decoder's inputs are built from the labels
+    batch_mask[0] = masks
     return model(**inputs)
 
 
