@@ -29,6 +29,7 @@ from .errors import (
     UnknownVariantError,
     WeightAccessError,
 )
+from .functional import low_rank_update
 from .hookspecs import hookimpl, hookspec
 from .params import ParamSpec
 from .peft_interop import export_peft, import_peft
@@ -58,7 +59,8 @@ __all__ = [
     "PeftInteropError", "PluginError", "ROLES", "Target",
     "TargetingError", "UnknownVariantError", "WeightAccessError", "attach", "attachments", "broken_plugins",
     "dense_weight", "detach", "export_peft", "find_targets", "get_variant", "hookimpl", "hookspec", "import_peft",
-    "is_quantized", "layer_kind", "layer_kinds", "list_variants", "load", "read_checkpoint", "register",
+    "is_quantized", "layer_kind", "layer_kinds", "list_variants", "load", "low_rank_update", "read_checkpoint",
+    "register",
     "register_layer_kind", "reload_plugins", "replace_dense_weight", "save", "unregister", "unregister_layer_kind",
     "__version__",
 ]

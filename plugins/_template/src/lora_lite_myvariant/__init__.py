@@ -17,8 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
-
 import lora_lite as ll
 
 
@@ -53,5 +51,5 @@ class MyVariant:
     @staticmethod
     @ll.hookimpl
     def forward(layer, x, y):
-        h = F.linear(x, layer.lora_A.to(x.dtype)) * layer.lora_scaling
-        return y + F.linear(h, layer.lora_B.to(x.dtype)) * layer.lora_gate.to(x.dtype)
+        delta = ll.low_rank_update(x, layer.lora_A, layer.lora_B, layer.lora_scaling)
+        return y + delta * layer.lora_gate.to(x.dtype)

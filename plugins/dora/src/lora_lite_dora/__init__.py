@@ -23,7 +23,6 @@ understands raises ``WeightAccessError`` at attach.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 import lora_lite as ll
 
@@ -57,7 +56,7 @@ class DoRA:
             # accumulate in fp32 like the fp32 magnitude, so m / ||V|| is 1 at init in bf16 too
             norm = torch.linalg.vector_norm(v, dim=1, dtype=torch.float32)
         g = (layer.lora_magnitude / norm).to(dt)
-        lora = F.linear(F.linear(x, a) * s, b)
+        lora = ll.low_rank_update(x, a, b, s)
         bias = getattr(layer, "bias", None)
         base = y if bias is None else y - bias
         # y + (g - 1)(y - b) + g s B A x: exactly y when g == 1, in any dtype

@@ -30,7 +30,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 import lora_lite as ll
 
@@ -175,5 +174,4 @@ class EVA:
     @staticmethod
     @ll.hookimpl
     def forward(layer, x, y):
-        h = F.linear(x, layer.lora_A.to(x.dtype)) * layer.lora_scaling
-        return y + F.linear(h, layer.lora_B.to(x.dtype))
+        return y + ll.low_rank_update(x, layer.lora_A, layer.lora_B, layer.lora_scaling)

@@ -14,7 +14,6 @@ Layers: any linear-like layer. LoRA never reads the base weight, so quantized la
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 
 import lora_lite as ll
 
@@ -38,7 +37,4 @@ class LoRA:
     @staticmethod
     @ll.hookimpl
     def forward(layer, x, y):
-        # scale the r-wide intermediate, not the d_out-wide output; cast the small
-        # adapter tensors to the activation dtype (a no-op when they already match)
-        h = F.linear(x, layer.lora_A.to(x.dtype)) * layer.lora_scaling
-        return y + F.linear(h, layer.lora_B.to(x.dtype))
+        return y + ll.low_rank_update(x, layer.lora_A, layer.lora_B, layer.lora_scaling)

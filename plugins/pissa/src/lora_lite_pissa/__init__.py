@@ -39,7 +39,6 @@ from typing import Literal
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 import lora_lite as ll
 
@@ -118,5 +117,4 @@ class PiSSA:
     @staticmethod
     @ll.hookimpl
     def forward(layer, x, y):
-        h = F.linear(x, layer.lora_A.to(x.dtype)) * layer.lora_scaling
-        return y + F.linear(h, layer.lora_B.to(x.dtype))
+        return y + ll.low_rank_update(x, layer.lora_A, layer.lora_B, layer.lora_scaling)
