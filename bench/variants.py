@@ -81,7 +81,7 @@ PAIRINGS: dict[str, Pairing] = {p.name: p for p in [
     Pairing("vera", _peft("VeraConfig", r=R, vera_dropout=0.0)),
     Pairing("ia3", _ia3),
     Pairing("hra", _peft("HRAConfig", r=R)),
-    Pairing("oft", _peft("OFTConfig", r=0, oft_block_size=32), {"block_size": 32}),
+    Pairing("oft", _peft("OFTConfig", r=0, oft_block_size=32), {"r": 0, "oft_block_size": 32}),
     Pairing("road", _peft("RoadConfig", variant="road_1", group_size=32), {"road_variant": "road_1", "group_size": 32}),
     Pairing("eva", _eva, {}, peft_calibrate=_eva_calibrate, calibrated=True),
 ]}
