@@ -45,6 +45,8 @@ class DoRA:
         layer.lora_scaling = cfg.alpha / cfg.r
         with torch.no_grad():
             layer.lora_magnitude.copy_(torch.linalg.vector_norm(ll.dense_weight(layer).float(), dim=1))
+        # resolve the layer kind's reader once, not per forward
+        layer.lora_read_weight = ll.layer_kind(layer).read
 
     @staticmethod
     @ll.hookimpl
@@ -52,7 +54,7 @@ class DoRA:
         dt = x.dtype
         a, b, s = layer.lora_A.to(dt), layer.lora_B.to(dt), layer.lora_scaling
         with torch.no_grad():  # ||W + s B A|| is a constant for autograd (paper, section 4.3)
-            v = torch.addmm(ll.dense_weight(layer).to(dt), b, a, alpha=s)
+            v = torch.addmm(layer.lora_read_weight(layer).to(dt), b, a, alpha=s)
             # accumulate in fp32 like the fp32 magnitude, so m / ||V|| is 1 at init in bf16 too
             norm = torch.linalg.vector_norm(v, dim=1, dtype=torch.float32)
         g = (layer.lora_magnitude / norm).to(dt)
