@@ -37,4 +37,4 @@ class LoRA:
     @staticmethod
     @ll.hookimpl
     def forward(layer, x, y):
-        return y + ll.low_rank_update(x, layer.lora_A, layer.lora_B, layer.lora_scaling)
+        return ll.low_rank_update(x, layer.lora_A, layer.lora_B, layer.lora_scaling, y)

@@ -117,4 +117,4 @@ class PiSSA:
     @staticmethod
     @ll.hookimpl
     def forward(layer, x, y):
-        return y + ll.low_rank_update(x, layer.lora_A, layer.lora_B, layer.lora_scaling)
+        return ll.low_rank_update(x, layer.lora_A, layer.lora_B, layer.lora_scaling, y)
