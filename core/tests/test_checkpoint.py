@@ -282,3 +282,19 @@ def test_a_header_length_that_looks_like_pickle_or_zip_still_loads(trained, tmp_
     model = fresh()
     ll.load(model, odd)
     assert torch.equal(model(x), out)
+
+
+
+def test_fingerprint_is_taken_at_save_not_attach_and_only_once(model, tmp_path, monkeypatch):
+    from lora_lite import runtime
+
+    calls = []
+    real = runtime.base_fingerprint
+    monkeypatch.setattr(runtime, "base_fingerprint", lambda layer: calls.append(layer) or real(layer))
+    att = ll.attach(model, ll.LoraLiteConfig(variant="t_lora", r=2))
+    assert calls == [], "attach computed the base fingerprint; it belongs to save/load"
+    ll.save(model, tmp_path / "a.safetensors")
+    assert len(calls) == len(att.targets)
+    ll.save(model, tmp_path / "b.safetensors")
+    assert len(calls) == len(att.targets), "the frozen base was fingerprinted again"
+

@@ -6,7 +6,7 @@ from torch import nn
 
 import lora_lite as ll
 from lora_lite import runtime
-from lora_lite.testing import assert_model_unchanged, snapshot_model
+from lora_lite.testing import ToyTransformer, assert_model_unchanged, snapshot_model
 
 
 def test_only_adapter_params_train(model):
@@ -220,3 +220,17 @@ def test_failed_second_attach_leaves_the_first_intact(model, x, mutating):
     assert ll.attachments(model) == [first]
     first.detach()
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_fingerprint_of_a_rewritten_weight_is_the_original_one(mutating, x, tmp_path):
+    torch.manual_seed(0)
+    model = ToyTransformer()
+    want = {n: ll.weights.base_fingerprint(m) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    att = ll.attach(model, ll.LoraLiteConfig(variant="t_mutating", r=1), calibration_data=[x])
+    halved = att.targets[0].layer
+    assert ll.weights.base_fingerprint(halved) == want[att.targets[0].name]
+    assert att.fingerprint == {n: want[n] for n in att.target_names}
+    torch.manual_seed(0)
+    ll.load(ToyTransformer(), ll.save(model, tmp_path / "a.safetensors"))  # the fresh base is the original
+    ll.detach(model)
+    assert ll.weights.base_fingerprint(halved) == want[att.targets[0].name]

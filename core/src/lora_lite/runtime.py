@@ -30,7 +30,7 @@ from .errors import (
 from .params import ParamSpec
 from .plugins import VariantInfo, get_variant
 from .targeting import Target, find_targets
-from .weights import restore_dense_weight, weight_fingerprint_tensor
+from .weights import base_fingerprint, restore_dense_weight
 
 _STATE_ATTR = "_lora_lite"
 _OWNED_PREFIXES = ("lora_", "_lora_lite")
@@ -45,15 +45,28 @@ class Attachment:
     variant: VariantInfo
     targets: list[Target]
     specs: dict[str, dict[str, ParamSpec]]
-    fingerprint: dict[str, list[float]]
     hook_handles: list[Any] = field(default_factory=list)
     live: bool = True
+    _fingerprint: dict[str, list[float]] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __iter__(self):
         return iter(self.targets)
+
+    @property
+    def fingerprint(self) -> dict[str, list[float]]:
+        """``{target: [sum, sum of squares]}`` of each base weight (float64), for checkpoints.
+
+        Computed on first use (the first ``save`` or ``load``), not at attach: reading
+        every target weight in float64 was most of attach's time. The base is frozen, so
+        the first value stands; a weight an ``init`` rewrote is fingerprinted as it was
+        before (see ``replace_dense_weight``).
+        """
+        if self._fingerprint is None:
+            self._fingerprint = {t.name: base_fingerprint(t.layer) for t in self.targets}
+        return self._fingerprint
 
     @property
     def target_names(self) -> list[str]:
@@ -108,18 +121,6 @@ def attachments(model: nn.Module) -> list[Attachment]:
     """The live attachments on ``model`` (empty list if none)."""
     state = model.__dict__.get(_STATE_ATTR)
     return list(state.attachments) if state else []
-
-
-def _weight_fingerprint(layer: nn.Module) -> list[float]:
-    """Cheap identity of a base weight: float64 sum and sum of squares of the dense weight."""
-    try:
-        w = weight_fingerprint_tensor(layer)
-    except LoraLiteError:
-        w = layer.weight
-    with torch.no_grad():
-        w64 = w.detach().to(torch.float64).reshape(-1)
-        # dot, not (w64 * w64).sum(): no second weight-sized temporary (attach is ~2/3 fingerprint)
-        return [float(w64.sum()), float(torch.dot(w64, w64))]
 
 
 def _bad_call(name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -290,7 +291,8 @@ def attach(
             f"{meta[0]} (and {len(meta) - 1} more) live on the meta device; materialise the model "
             "(e.g. model.to_empty(device=...) and load its weights) before attaching."
         )
-    _refuse_wrapped(model)
+    params = list(model.named_parameters())  # one walk, for the sharding check and the flags
+    _refuse_wrapped(model, params)
     if calibration_data is not None and variant.hook("group_init") is None:
         raise ConfigError(
             f"variant {variant.name!r} takes no calibration data (it has no group_init hook); "
@@ -299,11 +301,9 @@ def attach(
     if calibration_data is not None:
         calibration_data = _checked_calibration(calibration_data)
     specs = _collect_specs(variant, targets, cfg)
-    fingerprint = {t.name: _weight_fingerprint(t.layer) for t in targets}
-
-    att = Attachment(model, cfg, variant, targets, specs, fingerprint)
+    att = Attachment(model, cfg, variant, targets, specs)
     first = existing is None
-    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()} if first else existing.requires_grad
+    requires_grad = {n: p.requires_grad for n, p in params} if first else existing.requires_grad
     init = variant.hook("init")
     group_init = variant.hook("group_init")
     stage = "creating adapter tensors"
@@ -350,7 +350,7 @@ def attach(
     return att
 
 
-def _refuse_wrapped(model: nn.Module) -> None:
+def _refuse_wrapped(model: nn.Module, params: list[tuple[str, nn.Parameter]]) -> None:
     """Adapters added after DDP/FSDP wrapping would never be synchronised or sharded."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise AttachError(
@@ -358,7 +358,7 @@ def _refuse_wrapped(model: nn.Module) -> None:
             "construction: the adapter would train out of sync. Attach (or load) first, then wrap: "
             "lora_lite.attach(model, cfg); model = DistributedDataParallel(model)."
         )
-    sharded = next((n for n, p in model.named_parameters() if callable(getattr(p, "full_tensor", None))), None)
+    sharded = next((n for n, p in params if callable(getattr(p, "full_tensor", None))), None)
     if sharded is not None:
         raise AttachError(
             f"the model is already sharded (parameter {sharded} is a DTensor, e.g. from FSDP2 fully_shard); "
@@ -370,7 +370,7 @@ def _refuse_wrapped(model: nn.Module) -> None:
 def _freeze_base(model: nn.Module) -> None:
     adapter = {id(p) for a in _state(model).attachments for p in a.adapter_tensors().values()}
     for p in model.parameters():
-        if id(p) not in adapter:
+        if p.requires_grad and id(p) not in adapter:
             p.requires_grad_(False)
 
 

@@ -87,21 +87,23 @@ def find_targets(model: nn.Module, cfg: LoraLiteConfig) -> list[Target]:
     d_model = infer_d_model(model, linears)
     wanted_roles = set(cfg.target_roles) or {"reader", "writer", "inner"}
     tied = _embedding_weight_ids(model)
+    exclude = [re.compile(p) for p in cfg.exclude_names]
+    include = [re.compile(p) for p in cfg.target_names]
     targets = []
-    for name, layer in linears:
-        d_in, d_out = features(layer)
-        roles = roles_of(d_in, d_out, d_model)
-        block = block_index(name)
-        if any(re.search(p, name) for p in cfg.exclude_names):
+    for name, layer in linears:  # cheap name tests first: most layers stop there
+        if any(p.search(name) for p in exclude):
             continue
-        named = any(re.search(p, name) for p in cfg.target_names)
-        if cfg.target_names and not named:
+        named = any(p.search(name) for p in include)
+        if include and not named:
+            continue
+        block = block_index(name)
+        if cfg.layers is not None and block not in cfg.layers:
             continue
         if id(getattr(layer, "weight", None)) in tied and not named:
             continue  # an output head sharing the input embeddings' tensor (BERT's cls...decoder)
+        d_in, d_out = features(layer)
+        roles = roles_of(d_in, d_out, d_model)
         if not roles & wanted_roles:
-            continue
-        if cfg.layers is not None and block not in cfg.layers:
             continue
         targets.append(Target(name, layer, roles, d_in, d_out, block))
     if not targets:

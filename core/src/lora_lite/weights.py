@@ -37,6 +37,7 @@ from .errors import WeightAccessError
 
 _UNDO_ATTR = "_lora_lite_weight_undo"
 _ORIGINAL_ATTR = "_lora_lite_weight_original"
+_FINGERPRINT_ATTR = "_lora_lite_weight_fingerprint"
 
 Undo = Callable[[], None]
 
@@ -81,11 +82,27 @@ def _plain_float(w: object, shape: tuple[int, int]) -> bool:
     return type(w) in (nn.Parameter, torch.Tensor) and w.is_floating_point() and tuple(w.shape) == shape
 
 
+def _peek(layer: nn.Module, name: str) -> object:
+    """``getattr(layer, name, None)`` without nn.Module's cost on a miss (building an
+    AttributeError, ~1.6 us): targeting asks this of every module in the model."""
+    d = layer.__dict__
+    if name in d:
+        return d[name]
+    for store in ("_parameters", "_buffers", "_modules"):
+        held = d.get(store)
+        if held and name in held:
+            return held[name]
+    cls = type(layer)
+    if hasattr(cls, name) or cls.__getattr__ is not nn.Module.__getattr__:
+        return getattr(layer, name, None)  # a property, class attribute or custom __getattr__
+    return None
+
+
 def _is_plain_linear(layer: nn.Module) -> bool:
-    d_in, d_out = getattr(layer, "in_features", None), getattr(layer, "out_features", None)
+    d_in, d_out = _peek(layer, "in_features"), _peek(layer, "out_features")
     return (
         isinstance(d_in, int) and isinstance(d_out, int)
-        and _plain_float(getattr(layer, "weight", None), (d_out, d_in))
+        and _plain_float(_peek(layer, "weight"), (d_out, d_in))
     )
 
 
@@ -328,9 +345,9 @@ def is_linear_like(layer: nn.Module) -> bool:
     if layer_kind(layer) is not None:
         return True
     return (
-        isinstance(getattr(layer, "in_features", None), int)
-        and isinstance(getattr(layer, "out_features", None), int)
-        and getattr(layer, "weight", None) is not None
+        isinstance(_peek(layer, "in_features"), int)
+        and isinstance(_peek(layer, "out_features"), int)
+        and _peek(layer, "weight") is not None
     )
 
 
@@ -369,6 +386,31 @@ def weight_fingerprint_tensor(layer: nn.Module) -> torch.Tensor:
     return (kind.fingerprint or kind.read)(layer)
 
 
+def base_fingerprint(layer: nn.Module) -> list[float]:
+    """Identity of the layer's base weight for checkpoints: float64 ``[sum, sum of squares]``.
+
+    Taken from the weight as it was before the first :func:`replace_dense_weight` (which
+    records it), else from the current weight, so attach never pays for it: ``save`` and
+    ``load`` compute it when they need it. On a sharded (DTensor) weight the reductions
+    are partial per rank and ``full_tensor`` sums the two scalars across ranks (a
+    collective, like the rest of a sharded save).
+    """
+    saved = layer.__dict__.get(_FINGERPRINT_ATTR)
+    if saved is not None:
+        return list(saved)
+    try:
+        w = weight_fingerprint_tensor(layer)
+    except WeightAccessError:
+        w = layer.weight
+    with torch.no_grad():
+        w64 = w.detach().to(torch.float64)
+        if callable(getattr(w64, "full_tensor", None)):
+            return [float(w64.sum().full_tensor()), float((w64 * w64).sum().full_tensor())]
+        w64 = w64.reshape(-1)
+        # dot, not (w64 * w64).sum(): no second weight-sized temporary
+        return [float(w64.sum()), float(torch.dot(w64, w64))]
+
+
 def is_quantized(layer: nn.Module) -> bool:
     """Whether the layer's storage is quantized (or unknown, which counts as quantized)."""
     kind = layer_kind(layer)
@@ -398,6 +440,7 @@ def replace_dense_weight(layer: nn.Module, new_weight: torch.Tensor, *, requanti
     if tuple(new_weight.shape) != expected:
         raise WeightAccessError(f"new weight has shape {tuple(new_weight.shape)}, the layer needs {expected}.")
     first = _UNDO_ATTR not in layer.__dict__
+    fingerprint = base_fingerprint(layer) if first else None
     # the original dense weight, for export: a view that keeps the old storage alive (no
     # copy for plain kinds, whose write swaps in a new tensor), a dequantized copy otherwise
     original = kind.read(layer).detach() if first else None
@@ -407,6 +450,7 @@ def replace_dense_weight(layer: nn.Module, new_weight: torch.Tensor, *, requanti
     if first:
         layer.__dict__[_UNDO_ATTR] = undo
         layer.__dict__[_ORIGINAL_ATTR] = original
+        layer.__dict__[_FINGERPRINT_ATTR] = fingerprint
 
 
 def original_weight(layer: nn.Module) -> torch.Tensor:
@@ -419,6 +463,7 @@ def original_weight(layer: nn.Module) -> torch.Tensor:
 def restore_dense_weight(layer: nn.Module) -> None:
     """Undo :func:`replace_dense_weight` exactly (no-op if the weight was never replaced)."""
     layer.__dict__.pop(_ORIGINAL_ATTR, None)
+    layer.__dict__.pop(_FINGERPRINT_ATTR, None)
     undo = layer.__dict__.pop(_UNDO_ATTR, None)
     if undo is not None:
         undo()
