@@ -82,7 +82,8 @@ def make_peft(base: nn.Module, p: Pairing, targets: tuple[str, ...], data: dict)
 
 def make_lite(base: nn.Module, p: Pairing, targets: tuple[str, ...], data: dict, **overrides) -> nn.Module:
     model = copy.deepcopy(base)
-    ll.attach(model, lite_config(p, targets, **overrides), calibration_data=[data] if p.calibrated else None)
+    for cfg in p.lite_configs(targets, **overrides):
+        ll.attach(model, cfg, calibration_data=[data] if p.calibrated else None)
     return model
 
 
@@ -151,11 +152,12 @@ def bench_models(shapes, pairings, args, log) -> list[dict]:
 
 
 def bench_layer(args, log) -> list[dict]:
-    """One adapted layer call: plain Linear vs PEFT's lora.Linear vs a hooked Linear."""
+    """One adapted layer call: plain Linear vs PEFT's lora.Linear vs a hooked Linear, on
+    a training batch (the math dominates) and on one token (call overhead dominates)."""
     from peft import LoraConfig, get_peft_model
 
     rows = []
-    for d in (64, 512):
+    for d, lead in ((64, (BATCH, SEQ)), (512, (BATCH, SEQ)), (64, (1, 1)), (512, (1, 1))):
         torch.manual_seed(0)
         plain = nn.Sequential()
         plain.add_module("proj", nn.Linear(d, d))
@@ -164,7 +166,7 @@ def bench_layer(args, log) -> list[dict]:
         lite = copy.deepcopy(plain)
         ll.attach(lite, ll.LoraLiteConfig(variant="lora", r=8, alpha=16))
         layers = {"plain": plain.proj, "peft": peft_layer, "lite": lite.proj}
-        x = torch.randn(BATCH, SEQ, d)
+        x = torch.randn(*lead, d)  # a training batch, and one token (decoding: per-call overhead rules)
         for mode in ("no_grad", "grad"):
             ctx = torch.no_grad if mode == "no_grad" else torch.enable_grad
 
@@ -174,11 +176,11 @@ def bench_layer(args, log) -> list[dict]:
 
             fns = {k: (lambda layer=layer: call(layer)) for k, layer in layers.items()}
             res = race(fns, args.repeats, inner=args.layer_inner, warmup=3)
-            row = {"d": d, "x": [BATCH, SEQ, d], "mode": mode, "median_us": {k: v * 1e6 for k, v in res["median_s"].items()},
+            row = {"d": d, "x": list(x.shape), "mode": mode, "median_us": {k: v * 1e6 for k, v in res["median_s"].items()},
                    "lite_over_peft": ratio(res, "lite", "peft"), "lite_over_plain": ratio(res, "lite", "plain"),
                    "peft_over_plain": ratio(res, "peft", "plain")}
             rows.append(row)
-            log(f"  layer d={d:4} {mode:7} plain {row['median_us']['plain']:.1f}us peft {row['median_us']['peft']:.1f}us "
+            log(f"  layer x={'x'.join(map(str, x.shape)):10} {mode:7} plain {row['median_us']['plain']:.1f}us peft {row['median_us']['peft']:.1f}us "
                 f"lite {row['median_us']['lite']:.1f}us  lite/peft {row['lite_over_peft']:.3f}")
     return rows
 
@@ -419,7 +421,7 @@ def chart(res: dict, path: Path) -> str | None:
         values.append(r["train"]["lite_over_peft"])
         targets.append(t)
     for r in res["layer"]:
-        labels.append(f"layer d={r['d']} {r['mode']}")
+        labels.append(f"layer {'x'.join(map(str, r['x']))} {r['mode']}")
         values.append(r["lite_over_peft"])
         targets.append(TARGETS["layer"])
     for r in res["attach"]:

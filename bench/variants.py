@@ -31,6 +31,13 @@ class Pairing:
     peft_calibrate: Callable[[Any, dict], None] | None = None
     calibrated: bool = False
     only_targets: tuple[str, ...] | None = None
+    # ``targets -> [(lora-lite variant, its targets), ...]`` when PEFT's one config is
+    # several lora-lite attachments (IA3's feed-forward layers are ``ia3_ff``)
+    lite_split: Callable[[tuple[str, ...]], list[tuple[str, tuple[str, ...]]]] | None = None
+
+    def lite_configs(self, targets: tuple[str, ...], **overrides) -> list[ll.LoraLiteConfig]:
+        groups = self.lite_split(targets) if self.lite_split else [(self.name, targets)]
+        return [lite_config(self, group, variant=variant, **overrides) for variant, group in groups if group]
 
 
 def _lora(**kw):
@@ -51,11 +58,17 @@ def _peft(cls_name: str, **kw):
     return make
 
 
+IA3_FF = ("down_proj",)  # IA3's feed-forward layers: their input is scaled, not their output
+
+
 def _ia3(targets):
     from peft import IA3Config
 
-    ff = [t for t in targets if t == "down_proj"]
-    return IA3Config(target_modules=list(targets), feedforward_modules=ff)
+    return IA3Config(target_modules=list(targets), feedforward_modules=[t for t in targets if t in IA3_FF])
+
+
+def _ia3_split(targets):
+    return [("ia3", tuple(t for t in targets if t not in IA3_FF)), ("ia3_ff", tuple(t for t in targets if t in IA3_FF))]
 
 
 def _eva(targets):
@@ -79,7 +92,7 @@ PAIRINGS: dict[str, Pairing] = {p.name: p for p in [
     Pairing("delora", _peft("DeloraConfig", r=R, delora_lambda=15), {"lambda0": 15.0}),
     Pairing("dora", _lora(use_dora=True)),
     Pairing("vera", _peft("VeraConfig", r=R, vera_dropout=0.0)),
-    Pairing("ia3", _ia3),
+    Pairing("ia3", _ia3, lite_split=_ia3_split),
     Pairing("hra", _peft("HRAConfig", r=R)),
     Pairing("oft", _peft("OFTConfig", r=0, oft_block_size=32), {"r": 0, "oft_block_size": 32}),
     Pairing("road", _peft("RoadConfig", variant="road_1", group_size=32), {"road_variant": "road_1", "group_size": 32}),
@@ -102,12 +115,13 @@ def available() -> tuple[list[Pairing], dict[str, str]]:
             skipped[p.name] = "lora-lite plugin not installed"
             continue
         try:
-            lite_config(p, QV)
+            p.lite_configs(ALL_LINEARS)  # every variant of a split must be installed too
             p.peft_config(QV)
         except Exception as err:  # a knob rename in a plugin or PEFT: report, keep going
             skipped[p.name] = f"{type(err).__name__}: {err}"
             continue
         run.append(p)
-    for name in sorted(installed - set(PAIRINGS)):
+    covered = set(PAIRINGS) | {v for p in PAIRINGS.values() if p.lite_split for v, _ in p.lite_split(ALL_LINEARS)}
+    for name in sorted(installed - covered):
         skipped[name] = "no PEFT counterpart in bench/variants.py"
     return run, skipped

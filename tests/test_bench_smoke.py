@@ -16,22 +16,24 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_quick_writes_results_with_equal_param_counts(tmp_path):
     pytest.importorskip("peft")
     pytest.importorskip("transformers")
-    cmd = [sys.executable, "-m", "bench.run", "--quick", "--repeats", "1", "--variants", "lora,delora",
+    cmd = [sys.executable, "-m", "bench.run", "--quick", "--repeats", "1", "--variants", "lora,delora,ia3",
            "--skip", "compile,pissa", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())
     assert {"machine", "models", "layer", "attach", "memory", "compile", "skipped", "variants"} <= set(res)
-    assert res["variants"] == ["lora", "delora"]
+    assert res["variants"] == ["lora", "delora", "ia3"]
     assert (tmp_path / "results.md").read_text().startswith("# lora-lite benchmark")
-    # 2 variants x 2 target sets + the bf16 quickstart row
-    assert len(res["models"]) == 5
+    # 3 variants x 2 target sets + the bf16 quickstart row; IA3 on all linears is two
+    # attachments (ia3 + ia3_ff on down_proj), as PEFT's feedforward_modules
+    assert len(res["models"]) == 7
     for row in res["models"]:
         assert row["trainable"]["lite"] == row["trainable"]["peft"] > 0, row
         for kind in ("train", "infer"):
             assert set(row[kind]["median_s"]) == {"base", "peft", "lite"}
             assert row[kind]["lite_over_peft"] > 0
-    assert {(r["d"], r["mode"]) for r in res["layer"]} == {(64, "no_grad"), (64, "grad"), (512, "no_grad"), (512, "grad")}
+    assert {(tuple(r["x"]), r["mode"]) for r in res["layer"]} == {
+        (x, mode) for x in ((4, 128, 64), (4, 128, 512), (1, 1, 64), (1, 1, 512)) for mode in ("no_grad", "grad")}
     assert [r["targets"] for r in res["attach"]] == ["qv", "all"]
     for row in res["memory"]:
         # the adapter adds tensors on top of the frozen base, never fewer

@@ -58,3 +58,20 @@ def test_structural_detection_of_foreign_linear_like():
     model = nn.Sequential(Foreign())
     att = ll.attach(model, ll.LoraLiteConfig(variant="t_lora", r=2))
     assert att.target_names == ["0"]
+
+
+def test_multihead_attention_out_proj_is_refused_not_silently_dead():
+    torch.manual_seed(0)
+    model = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
+    with pytest.raises(ll.TargetingError, match=r"self_attn.out_proj.*exclude_names=\[r'out_proj\$'\]"):
+        ll.attach(model, ll.LoraLiteConfig(variant="t_lora", r=2))
+    assert not ll.attachments(model)
+    att = ll.attach(model, ll.LoraLiteConfig(variant="t_lora", r=2, exclude_names=[r"out_proj$"]))
+    assert att.target_names == ["linear1", "linear2"]
+    # the hooks of what was targeted do run: moving B changes the output
+    x = torch.randn(2, 3, 16)
+    model.eval()
+    before = model(x)
+    with torch.no_grad():
+        model.linear2.lora_B.normal_()  # not a constant: the LayerNorm after it would remove a uniform shift
+    assert not torch.allclose(model(x), before)

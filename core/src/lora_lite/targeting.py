@@ -106,9 +106,24 @@ def find_targets(model: nn.Module, cfg: LoraLiteConfig) -> list[Target]:
         if not roles & wanted_roles:
             continue
         targets.append(Target(name, layer, roles, d_in, d_out, block))
+    _refuse_uncalled(model, targets)
     if not targets:
         raise TargetingError(_no_match_message(cfg, linears, d_model))
     return targets
+
+
+def _refuse_uncalled(model: nn.Module, targets: list[Target]) -> None:
+    """A linear whose parent reads its weight without calling it never runs a hook: an
+    adapter there would silently do nothing. ``nn.MultiheadAttention`` is the known case
+    (``F.multi_head_attention_forward`` uses ``out_proj.weight`` directly)."""
+    uncalled = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    bad = [t.name for t in targets if id(t.layer) in uncalled]
+    if bad:
+        raise TargetingError(
+            f"{len(bad)} selected layer(s) are never called as modules (first: {bad[0]}): nn.MultiheadAttention "
+            "computes with out_proj.weight directly, so a hook adapter on it would never run. Keep them out "
+            "with exclude_names=[r'out_proj$'] (or narrow target_names / target_roles)."
+        )
 
 
 def _embedding_weight_ids(model: nn.Module) -> set[int]:
