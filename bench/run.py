@@ -16,6 +16,7 @@ import copy
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -149,6 +150,51 @@ def bench_models(shapes, pairings, args, log) -> list[dict]:
                 f"params {row['trainable']['lite']}/{row['trainable']['peft']}")
             del models, fns
     return rows
+
+
+def bench_phases(shape: str, tk: str, args, log) -> dict:
+    """Where a lora train step's time goes, for base / PEFT / lite: forward with autograd
+    on, backward, and optimizer (+ zero_grad), each the difference of two interleaved
+    timings (forward; forward + backward; the whole step)."""
+    data = batch()
+    base = qwen3(shape)
+    p, targets, labels = PAIRINGS["lora"], TARGET_SETS[tk], data["input_ids"]
+    models = {"base": make_base(base), "peft": make_peft(base, p, targets, data), "lite": make_lite(base, p, targets, data)}
+    fns = {}
+    for who, model in models.items():
+        model.train()
+        params = [q for q in model.parameters() if q.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+
+        def fwd(model=model):
+            return model(**data, labels=labels).loss
+
+        def fwd_bwd(model=model, fwd=fwd):
+            fwd().backward()
+            model.zero_grad(set_to_none=True)
+
+        def step(model=model, fwd=fwd, opt=opt):
+            fwd().backward()
+            if opt is not None:
+                opt.step()
+            model.zero_grad(set_to_none=True)
+
+        fns.update({f"{who}/fwd": fwd, f"{who}/fwd_bwd": fwd_bwd, f"{who}/step": step})
+    res = race(fns, args.repeats, warmup=args.warmup)
+    rounds = res["rounds_s"]
+    phases = {}
+    for who in models:
+        f, fb, st = rounds[f"{who}/fwd"], rounds[f"{who}/fwd_bwd"], rounds[f"{who}/step"]
+        phases[who] = {"forward": f, "backward": [b - a for a, b in zip(f, fb)], "optimizer": [c - b for b, c in zip(fb, st)]}
+    out = {"shape": shape, "targets": tk, "variant": "lora", "median_ms": {}, "lite_over_peft": {}}
+    for phase in ("forward", "backward", "optimizer"):
+        out["median_ms"][phase] = {who: statistics.median(phases[who][phase]) * 1e3 for who in models}
+        out["lite_over_peft"][phase] = statistics.median(
+            a / b for a, b in zip(phases["lite"][phase], phases["peft"][phase]))
+    log(f"  phases {shape} {tk} lora: " + "  ".join(
+        f"{ph} base {m['base']:.1f} peft {m['peft']:.1f} lite {m['lite']:.1f}ms" for ph, m in out["median_ms"].items()))
+    del models, fns
+    return out
 
 
 def bench_layer(args, log) -> list[dict]:
@@ -289,12 +335,13 @@ def bench_memory(shape, pairings, log) -> list[dict]:
 
 def bench_compile(shape, pairings, args, log) -> list[dict]:
     """``torch.compile(model, fullgraph=True)`` per variant (all linears): does it compile,
-    and the compiled/eager ratio of the train step. Two blocks: compile time grows with
-    depth, and what can break fullgraph is the same in every block."""
+    and the compiled/eager ratio of the train step. One block: compile time (~30 s per
+    variant with two) grows with depth, and what can break fullgraph is the same in
+    every block."""
     import torch._dynamo
 
     data = batch()
-    base = qwen3(shape, layers=2)
+    base = qwen3(shape, layers=1)
     rows = []
     for p in pairings:
         torch._dynamo.reset()
@@ -358,20 +405,32 @@ def markdown(res: dict) -> str:
         f"lite / PEFT, < 1 is faster). Batch {BATCH} x {SEQ}, r=8, alpha=16, fp32 model. Wall time {res['wall_s']:.0f}s.",
         "",
         "## Train step (fwd + bwd + AdamW) and inference forward", "",
-        "| shape | targets | variant | train lite/PEFT | target | infer lite/PEFT | train lite/base | train PEFT/base "
-        "| lite ms | PEFT ms | base ms | trainable lite = PEFT |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "A zero-cost adapter would score base/PEFT on the train step: the floor column. A "
+        "target below it cannot be met by any adapter.", "",
+        "| shape | targets | variant | train lite/PEFT | target | floor (base/PEFT) | infer lite/PEFT | train lite/base "
+        "| train PEFT/base | lite ms | PEFT ms | base ms | trainable lite = PEFT |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["models"]:
         t = TARGETS["quickstart"] if "quickstart" in r["variant"] else TARGETS.get(r["shape"], 1.0)
         tr = r["train"]
         out.append(
             f"| {r['shape']} | {r['targets']} | {r['variant']} | {tr['lite_over_peft']:.3f} | <= {t} "
-            f"{_mark(tr['lite_over_peft'], t)} | {r['infer']['lite_over_peft']:.3f} | {tr['lite_over_base']:.3f} | "
+            f"{_mark(tr['lite_over_peft'], t)} | {1 / tr['peft_over_base']:.3f} | {r['infer']['lite_over_peft']:.3f} | "
+            f"{tr['lite_over_base']:.3f} | "
             f"{tr['peft_over_base']:.3f} | {tr['median_s']['lite'] * 1e3:.1f} | {tr['median_s']['peft'] * 1e3:.1f} | "
             f"{tr['median_s']['base'] * 1e3:.1f} | {r['trainable']['lite']} = {r['trainable']['peft']} "
             f"{'yes' if r['trainable_equal'] else 'NO'} |"
         )
+    if res.get("phases"):
+        out += ["", "## Where the lora train step goes (ms; backward and optimizer are differences of timings)", "",
+                "| shape | targets | phase | base | PEFT | lite | lite/PEFT | adapter cost lite/PEFT |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in res["phases"]:
+            for ph, m in r["median_ms"].items():
+                extra = (m["lite"] - m["base"]) / (m["peft"] - m["base"]) if m["peft"] != m["base"] else float("nan")
+                out.append(f"| {r['shape']} | {r['targets']} | {ph} | {m['base']:.2f} | {m['peft']:.2f} | {m['lite']:.2f} | "
+                           f"{r['lite_over_peft'][ph]:.3f} | {extra:.2f} |")
     out += ["", "## One adapted layer call (lora r=8)", "",
             "| d | x | autograd | plain us | PEFT us | lite us | lite/PEFT | target | lite/plain |", "|---|---|---|---|---|---|---|---|---|"]
     for r in res["layer"]:
@@ -396,7 +455,7 @@ def markdown(res: dict) -> str:
         pb = {k: v / 2**20 for k, v in r["peak_bytes"].items()}
         out.append(f"| {r['shape']} | {r['targets']} | {r['variant']} | {pb['base']:.1f} | {pb['peft']:.1f} | "
                    f"{pb['lite']:.1f} | {r['lite_over_peft']:.3f} {_mark(r['lite_over_peft'], 1.0)} |")
-    out += ["", "## torch.compile(model, fullgraph=True), train step, all linears, 2 blocks", "",
+    out += ["", "## torch.compile(model, fullgraph=True), train step, all linears, 1 block", "",
             "| shape | variant | compiles | compile s | compiled/eager |", "|---|---|---|---|---|"]
     for r in res["compile"]:
         out.append(f"| {r['shape']} | {r['variant']} | {'yes' if r['compiles'] else 'NO: ' + r['error']} | "
@@ -457,12 +516,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="tiny shape only, fewer repeats, small init model")
     ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds per measurement")
     ap.add_argument("--variants", default=None, help="comma-separated subset of variants")
-    ap.add_argument("--skip", default="", help="comma-separated sections to skip: models,layer,attach,pissa,memory,compile")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: models,phases,layer,attach,pissa,memory,compile")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is steadiest on a shared box)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
     if args.repeats is None:
-        args.repeats = 3 if args.quick else 7
+        args.repeats = 3 if args.quick else 5
     args.warmup = 1
     torch.set_num_threads(args.threads)
     args.layer_inner = 50 if args.quick else 200
@@ -483,10 +542,13 @@ def main(argv: list[str] | None = None) -> dict:
     res = {"command": "python -m bench.run " + " ".join(sys.argv[1:] if argv is None else argv),
            "args": {"quick": args.quick, "repeats": args.repeats}, "machine": machine_info(),
            "targets": TARGETS, "variants": [p.name for p in pairings], "skipped": skipped,
-           "models": [], "layer": [], "attach": [], "pissa_init": None, "memory": [], "compile": []}
+           "models": [], "phases": [], "layer": [], "attach": [], "pissa_init": None, "memory": [], "compile": []}
     if "models" not in skip:
         log("train step / inference forward:")
         res["models"] = bench_models(shapes, pairings, args, log)
+    if "phases" not in skip:
+        log("train step phases (lora):")
+        res["phases"] = [bench_phases(shape, tk, args, log) for shape in shapes for tk in TARGET_SETS]
     if "layer" not in skip:
         log("layer call:")
         res["layer"] = bench_layer(args, log)

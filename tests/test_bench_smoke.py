@@ -21,7 +21,7 @@ def test_bench_quick_writes_results_with_equal_param_counts(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())
-    assert {"machine", "models", "layer", "attach", "memory", "compile", "skipped", "variants"} <= set(res)
+    assert {"machine", "models", "phases", "layer", "attach", "memory", "compile", "skipped", "variants"} <= set(res)
     assert res["variants"] == ["lora", "delora", "ia3"]
     assert (tmp_path / "results.md").read_text().startswith("# lora-lite benchmark")
     # 3 variants x 2 target sets + the bf16 quickstart row; IA3 on all linears is two
@@ -35,6 +35,9 @@ def test_bench_quick_writes_results_with_equal_param_counts(tmp_path):
     assert {(tuple(r["x"]), r["mode"]) for r in res["layer"]} == {
         (x, mode) for x in ((4, 128, 64), (4, 128, 512), (1, 1, 64), (1, 1, 512)) for mode in ("no_grad", "grad")}
     assert [r["targets"] for r in res["attach"]] == ["qv", "all"]
+    for row in res["phases"]:  # forward, backward and optimizer of one lora step, each > 0 for an adapter
+        assert set(row["median_ms"]) == {"forward", "backward", "optimizer"}
+        assert all(row["median_ms"]["forward"][who] > 0 for who in ("base", "peft", "lite"))
     for row in res["memory"]:
         # the adapter adds tensors on top of the frozen base, never fewer
         assert row["peak_bytes"]["lite"] > row["peak_bytes"]["base"] > 0

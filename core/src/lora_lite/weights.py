@@ -389,19 +389,21 @@ def weight_fingerprint_tensor(layer: nn.Module) -> torch.Tensor:
 def base_fingerprint(layer: nn.Module) -> list[float]:
     """Identity of the layer's base weight for checkpoints: float64 ``[sum, sum of squares]``.
 
-    Taken from the weight as it was before the first :func:`replace_dense_weight` (which
-    records it), else from the current weight, so attach never pays for it: ``save`` and
-    ``load`` compute it when they need it. On a sharded (DTensor) weight the reductions
+    Taken from the weight as it was before the first :func:`replace_dense_weight` (the
+    original it keeps, or the fingerprint it took), else from the current weight, so
+    attach never pays for it: ``save`` and ``load`` compute it when they need it. On a sharded (DTensor) weight the reductions
     are partial per rank and ``full_tensor`` sums the two scalars across ranks (a
     collective, like the rest of a sharded save).
     """
     saved = layer.__dict__.get(_FINGERPRINT_ATTR)
     if saved is not None:
         return list(saved)
-    try:
-        w = weight_fingerprint_tensor(layer)
-    except WeightAccessError:
-        w = layer.weight
+    w = layer.__dict__.get(_ORIGINAL_ATTR)  # a rewritten weight: the one it replaced
+    if w is None:
+        try:
+            w = weight_fingerprint_tensor(layer)
+        except WeightAccessError:
+            w = layer.weight
     with torch.no_grad():
         w64 = w.detach().to(torch.float64)
         if callable(getattr(w64, "full_tensor", None)):
@@ -440,7 +442,9 @@ def replace_dense_weight(layer: nn.Module, new_weight: torch.Tensor, *, requanti
     if tuple(new_weight.shape) != expected:
         raise WeightAccessError(f"new weight has shape {tuple(new_weight.shape)}, the layer needs {expected}.")
     first = _UNDO_ATTR not in layer.__dict__
-    fingerprint = base_fingerprint(layer) if first else None
+    # a kind with its own fingerprint (bnb 4-bit) sees more than the dense original keeps:
+    # take it now; any other is fingerprinted later from the original it keeps anyway
+    fingerprint = base_fingerprint(layer) if first and kind.fingerprint is not None else None
     # the original dense weight, for export: a view that keeps the old storage alive (no
     # copy for plain kinds, whose write swaps in a new tensor), a dequantized copy otherwise
     original = kind.read(layer).detach() if first else None
@@ -450,7 +454,8 @@ def replace_dense_weight(layer: nn.Module, new_weight: torch.Tensor, *, requanti
     if first:
         layer.__dict__[_UNDO_ATTR] = undo
         layer.__dict__[_ORIGINAL_ATTR] = original
-        layer.__dict__[_FINGERPRINT_ATTR] = fingerprint
+        if fingerprint is not None:
+            layer.__dict__[_FINGERPRINT_ATTR] = fingerprint
 
 
 def original_weight(layer: nn.Module) -> torch.Tensor:
