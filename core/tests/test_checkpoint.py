@@ -298,3 +298,18 @@ def test_fingerprint_is_taken_at_save_not_attach_and_only_once(model, tmp_path, 
     ll.save(model, tmp_path / "b.safetensors")
     assert len(calls) == len(att.targets), "the frozen base was fingerprinted again"
 
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes and umask are POSIX")
+def test_saved_file_mode_follows_the_umask_like_any_written_file(model, tmp_path):
+    ll.attach(model, ll.LoraLiteConfig(variant="t_lora", r=2))
+    old = os.umask(0o022)
+    try:
+        path = ll.save(model, tmp_path / "adapter.safetensors")
+        assert path.stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        ll.save(model, path)  # replacing an existing file
+        assert path.stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter.safetensors"], "a temporary file was left behind"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -109,9 +109,13 @@ def _write_atomically(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
+        # created with 0o666 so the umask sets its mode, as for any file open() writes; O_EXCL
+        # keeps the unique name ours. safetensors rewrites the file as 0600: put the mode back.
+        tmp = str(path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        mode = os.stat(tmp).st_mode & 0o777
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, mode)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -346,7 +346,7 @@ def attach(
         model.__dict__[_STATE_ATTR] = _ModelState([att], requires_grad)
     else:
         existing.attachments.append(att)
-    _freeze_base(model)
+    _freeze_base(model, params)
     return att
 
 
@@ -367,9 +367,11 @@ def _refuse_wrapped(model: nn.Module, params: list[tuple[str, nn.Parameter]]) ->
         )
 
 
-def _freeze_base(model: nn.Module) -> None:
+def _freeze_base(model: nn.Module, params: list[tuple[str, nn.Parameter]]) -> None:
+    """Freeze every parameter of ``params`` (the model's, from before this attach) that is
+    not an adapter tensor of an earlier attachment; the new adapter tensors are not in it."""
     adapter = {id(p) for a in _state(model).attachments for p in a.adapter_tensors().values()}
-    for p in model.parameters():
+    for _, p in params:
         if p.requires_grad and id(p) not in adapter:
             p.requires_grad_(False)
 

@@ -86,7 +86,7 @@ def find_targets(model: nn.Module, cfg: LoraLiteConfig) -> list[Target]:
     linears = linear_like_modules(model)
     d_model = infer_d_model(model, linears)
     wanted_roles = set(cfg.target_roles) or {"reader", "writer", "inner"}
-    tied = _embedding_weight_ids(model)
+    tied, uncalled = _special_ids(model)
     exclude = [re.compile(p) for p in cfg.exclude_names]
     include = [re.compile(p) for p in cfg.target_names]
     targets = []
@@ -106,17 +106,33 @@ def find_targets(model: nn.Module, cfg: LoraLiteConfig) -> list[Target]:
         if not roles & wanted_roles:
             continue
         targets.append(Target(name, layer, roles, d_in, d_out, block))
-    _refuse_uncalled(model, targets)
+    _refuse_uncalled(targets, uncalled)
     if not targets:
         raise TargetingError(_no_match_message(cfg, linears, d_model))
     return targets
 
 
-def _refuse_uncalled(model: nn.Module, targets: list[Target]) -> None:
-    """A linear whose parent reads its weight without calling it never runs a hook: an
-    adapter there would silently do nothing. ``nn.MultiheadAttention`` is the known case
-    (``F.multi_head_attention_forward`` uses ``out_proj.weight`` directly)."""
-    uncalled = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+def _special_ids(model: nn.Module) -> tuple[set[int], set[int]]:
+    """One walk for two kinds of layers targeting treats apart:
+
+    - ids of input-embedding weights. A linear holding one of them is a tied output head:
+      like ``lm_head`` it is skipped unless ``target_names`` names it, because a variant
+      that rewrites its weight (PiSSA) would rewrite the embeddings too;
+    - ids of linears their parent reads without calling (``nn.MultiheadAttention``'s
+      ``out_proj``, whose weight ``F.multi_head_attention_forward`` uses directly).
+    """
+    tied, uncalled = set(), set()
+    for m in model.modules():
+        if isinstance(m, nn.Embedding):
+            tied.add(id(m.weight))
+        elif isinstance(m, nn.MultiheadAttention):
+            uncalled.add(id(m.out_proj))
+    return tied, uncalled
+
+
+def _refuse_uncalled(targets: list[Target], uncalled: set[int]) -> None:
+    """A hook on a layer that is never called would never run: the adapter would
+    silently do nothing."""
     bad = [t.name for t in targets if id(t.layer) in uncalled]
     if bad:
         raise TargetingError(
@@ -124,13 +140,6 @@ def _refuse_uncalled(model: nn.Module, targets: list[Target]) -> None:
             "computes with out_proj.weight directly, so a hook adapter on it would never run. Keep them out "
             "with exclude_names=[r'out_proj$'] (or narrow target_names / target_roles)."
         )
-
-
-def _embedding_weight_ids(model: nn.Module) -> set[int]:
-    """ids of input-embedding weights. A linear holding one of them is a tied output head:
-    like ``lm_head`` it is skipped unless ``target_names`` names it, because a variant that
-    rewrites its weight (PiSSA) would rewrite the embeddings too."""
-    return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
 
 
 def _no_match_message(cfg: LoraLiteConfig, linears: list[tuple[str, nn.Module]], d_model: int) -> str:

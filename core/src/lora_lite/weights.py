@@ -93,17 +93,22 @@ def _peek(layer: nn.Module, name: str) -> object:
         if held and name in held:
             return held[name]
     cls = type(layer)
-    if hasattr(cls, name) or cls.__getattr__ is not nn.Module.__getattr__:
-        return getattr(layer, name, None)  # a property, class attribute or custom __getattr__
-    return None
+    dynamic = _CLASS_ATTRS.get((cls, name))
+    if dynamic is None:
+        dynamic = _CLASS_ATTRS[(cls, name)] = hasattr(cls, name) or cls.__getattr__ is not nn.Module.__getattr__
+    # a property, class attribute or custom __getattr__ may provide it
+    return getattr(layer, name, None) if dynamic else None
+
+
+_CLASS_ATTRS: dict[tuple[type, str], bool] = {}
 
 
 def _is_plain_linear(layer: nn.Module) -> bool:
-    d_in, d_out = _peek(layer, "in_features"), _peek(layer, "out_features")
-    return (
-        isinstance(d_in, int) and isinstance(d_out, int)
-        and _plain_float(_peek(layer, "weight"), (d_out, d_in))
-    )
+    d_in = _peek(layer, "in_features")
+    if not isinstance(d_in, int):
+        return False
+    d_out = _peek(layer, "out_features")
+    return isinstance(d_out, int) and _plain_float(_peek(layer, "weight"), (d_out, d_in))
 
 
 def _in_out(layer: nn.Module) -> tuple[int, int]:

@@ -101,12 +101,14 @@ class PiSSA:
         with torch.no_grad():
             layer.lora_A.copy_(a)
             layer.lora_B.copy_(b)
-            # subtract what the stored (possibly bf16-rounded) factors will add back
-            stored = layer.lora_B.float() @ layer.lora_A.float()
-        ll.replace_dense_weight(layer, (w32 - scale * stored).to(w.dtype), requantize=requantize)
+            # subtract what the stored (possibly bf16-rounded) factors will add back, in one
+            # fused addmm (three weight-sized passes as separate ops)
+            a32, b32 = layer.lora_A.float(), layer.lora_B.float()
+            w_res = torch.addmm(w32, b32, a32, alpha=-scale)
+        ll.replace_dense_weight(layer, w_res.to(w.dtype), requantize=requantize)
         layer.lora_scaling = scale
         if requantize:
-            err = (ll.dense_weight(layer).float() + scale * stored - w32).abs().max() / w32.abs().max()
+            err = (torch.addmm(ll.dense_weight(layer).float(), b32, a32, alpha=scale) - w32).abs().max() / w32.abs().max()
             layer.lora_requant_error = float(err)
             warnings.warn(
                 "pissa stored W_res requantized: identity at init holds only up to the requantization error, "
