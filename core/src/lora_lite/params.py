@@ -75,7 +75,8 @@ class ParamSpec:
             if init == "ones":
                 data.fill_(1.0)
             elif init == "kaiming":
-                data.uniform_(-_kaiming_bound(self.shape), _kaiming_bound(self.shape))
+                bound = _kaiming_bound(self.shape)
+                data.uniform_(-bound, bound)
             elif init == "normal":
                 data.normal_()
             elif init == "empty":
