@@ -106,7 +106,8 @@ def forward(layer, x, y):
 
     Called on every forward of every target, directly (no plugin dispatch). This is the
     hot path: plain matmuls, no Python loops over ranks, and cast the small adapter
-    tensors to ``x.dtype`` rather than casting the activations.
+    tensors to ``x.dtype`` rather than casting the activations. The low-rank
+    ``y + s * B A x`` is ``lora_lite.low_rank_update(x, A, B, s, y)`` (scale and add fused).
 
     :param layer: the target module (its ``lora_*`` tensors are attributes).
     :param x: the layer's first positional input, shape ``(..., d_in)``.
