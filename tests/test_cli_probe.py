@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import lora_lite as ll
 from lora_lite import plugins
-from lora_lite.cli import main
+from lora_lite.tools.cli import main
 
 from .models import tiny_qwen3
 
@@ -182,8 +182,8 @@ def test_core_and_cli_import_without_the_probe_extra():
     code = (
         "import sys\n"
         "for m in ('transformers', 'matplotlib', 'tqdm'): sys.modules[m] = None\n"
-        "import lora_lite, lora_lite.cli\n"
-        "from lora_lite.cli import main\n"
+        "import lora_lite, lora_lite.tools.cli\n"
+        "from lora_lite.tools.cli import main\n"
         "assert main(['variants']) == 0\n"
         "assert main(['probe', '--variants', 'lora']) == 2\n"
         "try:\n"

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lora_lite as ll
-from lora_lite.peft_interop import add_cli_commands
+from lora_lite.integrations.peft import add_cli_commands
 
 from .models import tiny_qwen3, token_batch
 

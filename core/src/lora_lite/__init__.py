@@ -32,7 +32,7 @@ from .errors import (
 from .functional import low_rank_update
 from .hookspecs import hookimpl, hookspec
 from .params import ParamSpec
-from .peft_interop import export_peft, import_peft
+from .integrations.peft import export_peft, import_peft
 from .plugins import broken_plugins, get_variant, list_variants, register, reload_plugins, unregister
 from .runtime import Attachment, attach, attachments, detach
 from .targeting import Target, find_targets

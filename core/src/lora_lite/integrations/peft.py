@@ -37,13 +37,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint import _full_cpu, _is_sharded, _write_once, save
-from .config import LoraLiteConfig
-from .errors import NotAttachedError, PeftInteropError
-from .plugins import list_variants
-from .runtime import Attachment, attach, attachments
-from .targeting import block_index, linear_like_modules
-from .weights import dense_weight, original_weight
+from ..checkpoint import _full_cpu, _is_sharded, _write_once, save
+from ..config import LoraLiteConfig
+from ..errors import NotAttachedError, PeftInteropError
+from ..plugins import list_variants
+from ..runtime import Attachment, attach, attachments
+from ..targeting import block_index, linear_like_modules
+from ..weights import dense_weight, original_weight
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -323,7 +323,7 @@ def _load_hf_model(name_or_path: str) -> nn.Module:
 
 
 def _cli_export(args: argparse.Namespace) -> int:
-    from .checkpoint import load
+    from ..checkpoint import load
 
     model = _load_hf_model(args.model)
     load(model, args.checkpoint)

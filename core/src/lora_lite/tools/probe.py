@@ -24,13 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
-from .checkpoint import load, save
-from .config import LoraLiteConfig
-from .errors import LoraLiteError, MissingDependencyError
-from .hf import EMBEDDED_MODEL
-from .plugins import get_variant
-from .runtime import Attachment, attach
+from .. import __version__
+from ..checkpoint import load, save
+from ..config import LoraLiteConfig
+from ..errors import LoraLiteError, MissingDependencyError
+from ..integrations.hf import EMBEDDED_MODEL
+from ..plugins import get_variant
+from ..runtime import Attachment, attach
 
 # default targets: layer 0 q_proj and v_proj, as in the original README's Qwen3-0.6B probe
 DEFAULT_TARGET_NAMES = (r"\.q_proj$", r"\.v_proj$")

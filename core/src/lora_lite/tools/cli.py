@@ -22,9 +22,9 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
-from . import __version__
-from .errors import LoraLiteError, MissingDependencyError
-from .peft_interop import add_cli_commands as add_peft_commands
+from .. import __version__
+from ..errors import LoraLiteError, MissingDependencyError
+from ..integrations.peft import add_cli_commands as add_peft_commands
 
 PROBE_EXTRA = "pip install 'lora-lite-core[probe]'"
 
@@ -70,7 +70,7 @@ def _knobs(info) -> dict[str, Any]:
 
 
 def _cmd_variants(args: argparse.Namespace) -> int:
-    from .plugins import broken_plugins, list_variants
+    from ..plugins import broken_plugins, list_variants
 
     variants = [
         {"name": v.name, "distribution": v.distribution or "(registered in-process)", "version": v.version or "",
@@ -154,8 +154,8 @@ def _parse_knobs(items: list[str]) -> dict[str, dict[str, Any]]:
 def _probe_settings(args: argparse.Namespace):
     import torch
 
-    from .hf import EMBEDDED_MODEL
-    from .plugins import list_variants
+    from ..integrations.hf import EMBEDDED_MODEL
+    from ..plugins import list_variants
     from .probe import DEFAULT_LAYERS, DEFAULT_TARGET_NAMES, ProbeSettings
 
     variants = args.variants or [v.name for v in list_variants()]
@@ -189,7 +189,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     _require(("transformers", "matplotlib", "tqdm"), "probe")
     from tqdm import tqdm
 
-    from .hf import load_causal_lm
+    from ..integrations.hf import load_causal_lm
     from .probe import failures_text, run_probe, table_rows, write_report
 
     settings = _probe_settings(args)
@@ -234,7 +234,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from safetensors import safe_open
 
-    from .checkpoint import read_checkpoint
+    from ..checkpoint import read_checkpoint
 
     records, tensors = read_checkpoint(args.checkpoint)
     with safe_open(str(args.checkpoint), framework="pt") as fh:
