@@ -32,7 +32,7 @@ from .errors import (
 from .functional import low_rank_update
 from .hookspecs import hookimpl, hookspec
 from .params import ParamSpec
-from .integrations.peft import export_peft, import_peft
+from .integrations.peft import PeftFormat, export_peft, import_peft
 from .plugins import broken_plugins, get_variant, list_variants, register, reload_plugins, unregister
 from .runtime import Attachment, attach, attachments, detach
 from .targeting import Target, find_targets
@@ -41,7 +41,9 @@ from .weights import (
     dense_weight,
     is_quantized,
     layer_kind,
+    kind_name,
     layer_kinds,
+    original_weight,
     register_layer_kind,
     replace_dense_weight,
     unregister_layer_kind,
@@ -59,7 +61,7 @@ __all__ = [
     "PeftInteropError", "PluginError", "ROLES", "Target",
     "TargetingError", "UnknownVariantError", "WeightAccessError", "attach", "attachments", "broken_plugins",
     "dense_weight", "detach", "export_peft", "find_targets", "get_variant", "hookimpl", "hookspec", "import_peft",
-    "is_quantized", "layer_kind", "layer_kinds", "list_variants", "load", "low_rank_update", "read_checkpoint",
+    "is_quantized", "kind_name", "layer_kind", "layer_kinds", "list_variants", "load", "low_rank_update", "original_weight", "read_checkpoint",
     "register",
     "register_layer_kind", "reload_plugins", "replace_dense_weight", "save", "unregister", "unregister_layer_kind",
     "__version__",

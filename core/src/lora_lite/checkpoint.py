@@ -24,7 +24,7 @@ from torch import nn
 
 from .config import LoraLiteConfig
 from .errors import CheckpointError, CheckpointFormatError, CheckpointMismatchError, LoraLiteError, add_context
-from .runtime import Attachment, _state, attach
+from .runtime import Attachment, _state, attach_for_load
 
 FORMAT = "lora-lite"
 FORMAT_VERSION = 1
@@ -200,7 +200,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> list[Attachment]:
                 add_context(err, f"{path} was written with {rec.get('plugin_distribution')} "
                                  f"{rec.get('plugin_version')} (install that version if yours differs)")
                 raise
-            att = attach(model, cfg, _loading=True)
+            att = attach_for_load(model, cfg)
             done.append(att)
             _check_targets(att, rec, path)
         expected = {k: v for att in done for k, v in att.adapter_tensors(persistent_only=True).items()}

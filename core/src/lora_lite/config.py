@@ -29,6 +29,12 @@ _DTYPES = {
 }
 
 
+def resolve_config_class(variant: str) -> type[LoraLiteConfig]:
+    """The config class of ``variant``; :mod:`lora_lite.plugins` (the registry) installs the
+    real lookup when it is imported, so this module needs no import of it."""
+    raise ConfigError(f"no variant registry is loaded to resolve variant {variant!r}; import lora_lite first.")
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -81,9 +87,7 @@ class LoraLiteConfig:
             variant = kwargs.get("variant", "lora")
             if not isinstance(variant, str):
                 raise ConfigError(f"variant must be a string, got {type(variant).__name__}.")
-            from .plugins import get_variant
-
-            cls = get_variant(variant).config_class
+            cls = resolve_config_class(variant)
         _check_known_fields(cls, kwargs)
         return object.__new__(cls)
 

@@ -1,11 +1,22 @@
-"""The variant contract: every hook a variant plugin may implement.
+"""The variant contract: every hook a variant plugin may implement, and what core reads.
 
-A variant is a class (or module) carrying a ``name`` string, optionally a
-``config_class`` (a dataclass subclass of :class:`lora_lite.LoraLiteConfig` that adds
-the variant's typed knobs), and functions decorated with ``@lora_lite.hookimpl`` whose
-names and argument names match the specs below. A plugin may implement a subset of a
-spec's arguments (pluggy passes only the ones it asks for) but no argument the spec
-does not name: that is rejected at registration with ``PluginValidationError``.
+A variant is a class (or module) with a ``name`` string and functions named as the hooks
+below. Nothing else is needed: no ``@staticmethod`` (a function in a class body is called
+on the class), no decorator (``@lora_lite.hookimpl`` is accepted, for plugins written
+before it became optional). A hook may take a subset of its spec's arguments, by name, but
+no argument the spec does not name, and never ``self``: all of that is refused at
+registration with a :class:`lora_lite.PluginError` naming the plugin and what to change.
+
+Declarations core reads (all optional; see :class:`lora_lite.plugins.VariantInfo`)::
+
+    class MyVariant:
+        name = "myvariant"            # = the entry-point name (checked)
+        config_class = MyConfig       # a @dataclass subclass of LoraLiteConfig,
+                                      # variant: str = "myvariant", a default for every knob
+        layer_kinds = ("linear", "conv1d")   # None (default): every linear-like kind
+        peft = lora_lite.PeftFormat(...)     # how it reads/writes PEFT adapters
+        size_knob = "r"               # the int knob a budget-matched comparison scales
+        lrs = (1e-4, 3e-4, 1e-3)      # learning rates a comparison sweeps
 
 pluggy does discovery, registration and signature validation. It does NOT dispatch on
 the forward path: at ``attach`` the runtime looks up the configured variant's own
@@ -16,6 +27,8 @@ Required: ``param_specs`` and at least one of ``forward`` / ``forward_input``.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import pluggy
 
@@ -130,32 +143,30 @@ def forward_input(layer, x):
     """
 
 
-class LayerKindHooks:
-    """The layer-kind contract: teach lora-lite how a layer stores its weight.
+@hookspec
+def merge(layer, weight, bias):
+    """Fold the adapter into a dense weight and bias: what ``lora_lite.merge`` writes.
 
-    A separate namespace from the variant hooks above. A distribution that adds, say,
-    HQQ or torchao layers exposes an object (module or class) with this hook in the
-    entry-point group ``lora_lite.layer_kinds``::
+    Called outside the forward path (merge, merged export), once per target, under
+    ``torch.no_grad``. Must give exactly the function the hooks compute: for every input,
+    ``x @ W'.T + b'`` equals the hooked layer's output up to float rounding. Additive
+    variants return ``W + delta``; input-side ones ``W @ R``; output-side scalings scale
+    the bias too. Core computes nothing variant-specific.
 
-        [project.entry-points."lora_lite.layer_kinds"]
-        hqq = "lora_lite_hqq:HQQKinds"
+    Optional: a variant without it cannot be merged (a typed error says so).
 
-    It is loaded at discovery with the same isolation as variants: a plugin that fails
-    to import, has no ``layer_kinds`` hook, returns something other than LayerKinds or
-    reuses a registered kind's name is listed in ``lora_lite.broken_plugins()`` and
-    skipped. In a notebook, :func:`lora_lite.register_layer_kind` does the same directly.
+    :param layer: the target module (its ``lora_*`` tensors and ``layer.lora_cfg``).
+    :param weight: the layer's current dense weight ``(d_out, d_in)`` in float32 (for a
+        variant that rewrote the base, e.g. PiSSA's ``W_res``, that rewritten weight).
+    :param bias: the layer's bias ``(d_out,)`` in float32, or ``None``.
+    :returns: ``(weight, bias)``: new tensors of the same shapes (``bias`` may stay ``None``
+        only if it was ``None``).
     """
 
-    @hookspec
-    def layer_kinds(self):
-        """Return the layer kinds this plugin provides.
 
-        Called once per plugin at discovery (not per layer, not on the forward path).
-        Each kind is tried before the built-in ones, so a plugin can claim layers that
-        the structural ``linear`` kind would otherwise accept.
+HOOK_NAMES = ("param_specs", "init", "group_init", "forward", "forward_input", "merge")
 
-        :returns: ``list[lora_lite.LayerKind]``; each ``read`` must give real numbers of
-            shape ``(d_out, d_in)`` (dequantize; never return raw storage), each
-            ``write`` (optional) must return an undo function that restores the
-            original storage exactly.
-        """
+
+def spec_args(hook: str) -> tuple[str, ...]:
+    """The argument names of a hook spec, in order (``spec_args("forward") == ("layer", "x", "y")``)."""
+    return tuple(inspect.signature(globals()[hook]).parameters)

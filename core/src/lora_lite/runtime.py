@@ -25,12 +25,13 @@ from .errors import (
     LoraLiteError,
     NotAttachedError,
     PluginError,
+    TargetingError,
     add_context,
 )
 from .params import ParamSpec
 from .plugins import VariantInfo, get_variant
 from .targeting import Target, find_targets
-from .weights import base_fingerprint, restore_dense_weight
+from .weights import base_fingerprint, kind_name, restore_dense_weight
 
 _STATE_ATTR = "_lora_lite"
 _OWNED_PREFIXES = ("lora_", "_lora_lite")
@@ -232,35 +233,40 @@ def _collect_specs(variant: VariantInfo, targets: list[Target], cfg: LoraLiteCon
     param_specs = variant.hook("param_specs")
     specs = {}
     for t in targets:
+        where = f"{variant.name}: param_specs of {t.name} ({t.d_in} -> {t.d_out})"
         try:
             got = param_specs(t.d_in, t.d_out, cfg)
         except LoraLiteError as err:
-            add_context(err, f"{variant.name}: param_specs of {t.name} ({t.d_in} -> {t.d_out})")
-            raise
+            raise add_context(err, where)
+        except Exception as err:
+            raise AttachError(f"{where} raised {type(err).__name__}: {err}. Nothing was attached.") from err
         if not isinstance(got, dict) or not all(isinstance(s, ParamSpec) for s in got.values()):
-            raise PluginError(f"variant {variant.name!r}: param_specs must return dict[str, ParamSpec], got {got!r}.")
+            raise PluginError(f"{where} must return dict[str, ParamSpec], got {got!r}.")
         for pname in got:
             if not pname.startswith("lora_") or not pname.isidentifier():
-                raise PluginError(f"variant {variant.name!r}: adapter tensor name {pname!r} must start with 'lora_'.")
+                raise PluginError(f"{where}: adapter tensor name {pname!r} must start with 'lora_'.")
             if hasattr(t.layer, pname):
                 raise AlreadyAttachedError(f"{t.name} already has an attribute {pname!r}; detach the previous adapter first.")
         specs[t.name] = got
     return specs
 
 
-def attach(
-    model: nn.Module,
-    cfg: LoraLiteConfig,
-    calibration_data: Iterable[Any] | None = None,
-    *,
-    _loading: bool = False,
-) -> Attachment:
-    """Attach ``cfg``'s variant to the targets ``cfg`` selects; return the :class:`Attachment`.
+@dataclass
+class _Plan:
+    """What ``attach`` checked before touching the model: the first stage's result."""
 
-    Everything that can be checked is checked before the model is touched; if creating
-    tensors, ``init`` or ``group_init`` fails midway the model is rolled back exactly.
-    Afterwards only ``lora_*`` tensors require grad.
-    """
+    model: nn.Module
+    cfg: LoraLiteConfig
+    variant: VariantInfo
+    targets: list[Target]
+    specs: dict[str, dict[str, ParamSpec]]
+    params: list[tuple[str, nn.Parameter]]
+    existing: _ModelState | None
+    calibration_data: Any
+
+
+def _plan(model: nn.Module, cfg: LoraLiteConfig, calibration_data: Any) -> _Plan:
+    """Stage 1: every check that needs no change to the model."""
     if not isinstance(cfg, LoraLiteConfig):
         raise ConfigError(
             f"attach expects a lora_lite.LoraLiteConfig, got {type(cfg).__name__}; "
@@ -291,34 +297,98 @@ def attach(
             f"{meta[0]} (and {len(meta) - 1} more) live on the meta device; materialise the model "
             "(e.g. model.to_empty(device=...) and load its weights) before attaching."
         )
+    _check_layer_kinds(variant, targets)
     params = list(model.named_parameters())  # one walk, for the sharding check and the flags
     _refuse_wrapped(model, params)
-    if calibration_data is not None and variant.hook("group_init") is None:
-        raise ConfigError(
-            f"variant {variant.name!r} takes no calibration data (it has no group_init hook); "
-            "drop calibration_data, or pick a data-calibrated variant."
-        )
     if calibration_data is not None:
+        if variant.hook("group_init") is None:
+            raise ConfigError(
+                f"variant {variant.name!r} takes no calibration data (it has no group_init hook); "
+                "drop calibration_data, or pick a data-calibrated variant."
+            )
         calibration_data = _checked_calibration(calibration_data)
     specs = _collect_specs(variant, targets, cfg)
-    att = Attachment(model, cfg, variant, targets, specs)
+    return _Plan(model, cfg, variant, targets, specs, params, existing, calibration_data)
+
+
+def _check_layer_kinds(variant: VariantInfo, targets: list[Target]) -> None:
+    if variant.layer_kinds is None:
+        return
+    bad = [(t.name, kind_name(t.layer)) for t in targets if kind_name(t.layer) not in variant.layer_kinds]
+    if bad:
+        raise TargetingError(
+            f"variant {variant.name!r} supports the layer kinds {list(variant.layer_kinds)}, but target {bad[0][0]} "
+            f"is a {bad[0][1]!r} layer ({len(bad)} such target(s)). Keep those layers out of the targets "
+            "(exclude_names), or use a variant that supports them (docs/layers.md has the table)."
+        )
+
+
+def _input_dtype(layer: nn.Module) -> torch.dtype:
+    w = layer.weight
+    return w.dtype if w.is_floating_point() else torch.float32
+
+
+def _expect(got: Any, like: torch.Tensor, variant: VariantInfo, hook: str, t: Target) -> None:
+    if isinstance(got, torch.Tensor) and got.shape == like.shape and got.dtype == like.dtype:
+        return
+    what = (f"a tensor of shape {tuple(got.shape)} and dtype {got.dtype}" if isinstance(got, torch.Tensor)
+            else f"a {type(got).__name__}")
+    raise PluginError(
+        f"variant {variant.name!r}: hook {hook} on {t.name} ({type(t.layer).__name__} {t.d_in} -> {t.d_out}) returned "
+        f"{what}; it must return one tensor of shape {tuple(like.shape)} and dtype {like.dtype} "
+        f"(the same as its {'input x' if hook == 'forward_input' else 'base output y'})."
+    )
+
+
+def _check_forward(att: Attachment) -> None:
+    """Stage 4: call the variant's forward hooks once per distinct target shape on a tiny
+    input and check each returns one tensor of the right shape and dtype, so a bad hook
+    fails here (and the attach rolls back) instead of deep inside the model later. The
+    base layer itself is not called (bnb re-lays out its storage on a first forward)."""
+    fwd, fwd_in = att.variant.hook("forward"), att.variant.hook("forward_input")
+    seen = set()
+    g = torch.Generator().manual_seed(0)
+    for t in att.targets:
+        dtype = _input_dtype(t.layer)
+        key = (type(t.layer), t.d_in, t.d_out, dtype)
+        if key in seen:
+            continue
+        seen.add(key)
+        device = t.layer.weight.device
+        x = torch.randn(2, t.d_in, generator=g).to(device, dtype)
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            if fwd_in is not None:
+                got = fwd_in(t.layer, x)
+                _expect(got, x, att.variant, "forward_input", t)
+            if fwd is not None:
+                y = torch.randn(2, t.d_out, generator=g).to(device, dtype)
+                _expect(fwd(t.layer, x, y), y, att.variant, "forward", t)
+
+
+def _build(plan: _Plan, *, calibrate: bool) -> Attachment:
+    """Stages 2-5 (create tensors + init, calibrate, check forward, register hooks), all or
+    nothing: any failure rolls the model back exactly and raises a typed error naming the
+    variant, the stage and the layer."""
+    model, cfg, variant, targets, existing = plan.model, plan.cfg, plan.variant, plan.targets, plan.existing
+    att = Attachment(model, cfg, variant, targets, plan.specs)
     first = existing is None
-    requires_grad = {n: p.requires_grad for n, p in params} if first else existing.requires_grad
-    init = variant.hook("init")
-    group_init = variant.hook("group_init")
+    requires_grad = {n: p.requires_grad for n, p in plan.params} if first else existing.requires_grad
+    init, group_init = variant.hook("init"), variant.hook("group_init")
     stage = "creating adapter tensors"
     try:
         for t in targets:
             device = t.layer.weight.device
-            for pname, spec in specs[t.name].items():
+            for pname, spec in plan.specs[t.name].items():
                 t.layer.register_parameter(pname, spec.materialize(cfg.dtype, device))
             t.layer.lora_cfg = cfg
             if init is not None:
                 stage = f"init of {t.name} ({type(t.layer).__name__})"
                 init(t.layer, cfg, targets)
-        if group_init is not None and not _loading:
+        if group_init is not None and calibrate:
             stage = "group_init"
-            group_init(model, targets, cfg, calibration_data)
+            group_init(model, targets, cfg, plan.calibration_data)
+        stage = "checking the forward hooks"
+        _check_forward(att)
         stage = "registering hooks"
         fwd, fwd_in = variant.hook("forward"), variant.hook("forward_input")
         for t in targets:
@@ -333,8 +403,7 @@ def attach(
         if first:
             _restore_requires_grad(model, requires_grad)
         if isinstance(err, LoraLiteError):
-            add_context(err, f"{variant.name}: {stage} (rolled back)")
-            raise
+            raise add_context(err, f"{variant.name}: {stage} (rolled back)")
         if not isinstance(err, Exception):
             raise
         raise AttachError(
@@ -346,8 +415,24 @@ def attach(
         model.__dict__[_STATE_ATTR] = _ModelState([att], requires_grad)
     else:
         existing.attachments.append(att)
-    _freeze_base(model, params)
+    _freeze_base(model, plan.params)
     return att
+
+
+def attach(model: nn.Module, cfg: LoraLiteConfig, calibration_data: Iterable[Any] | None = None) -> Attachment:
+    """Attach ``cfg``'s variant to the targets ``cfg`` selects; return the :class:`Attachment`.
+
+    Everything that can be checked is checked before the model is touched; if creating
+    tensors, ``init``, ``group_init`` or the check of the forward hooks fails midway the
+    model is rolled back exactly. Afterwards only ``lora_*`` tensors require grad.
+    """
+    return _build(_plan(model, cfg, calibration_data), calibrate=True)
+
+
+def attach_for_load(model: nn.Module, cfg: LoraLiteConfig) -> Attachment:
+    """``attach`` as ``load`` needs it: every stage but calibration (the checkpoint holds
+    what calibration chose). Internal to lora-lite (checkpoint loading)."""
+    return _build(_plan(model, cfg, None), calibrate=False)
 
 
 def _refuse_wrapped(model: nn.Module, params: list[tuple[str, nn.Parameter]]) -> None:

@@ -18,9 +18,9 @@ storage dtype, including bnb's CPU-packed inference layout) and ``bnb-8bit``
 are never imported here: a model can only contain their layers if they are already
 imported, so the kinds look them up in ``sys.modules``.
 
-New storage formats plug in with :func:`register_layer_kind` or, from an installed
-distribution, with a ``layer_kinds`` hook in the entry-point group
-``lora_lite.layer_kinds`` (see :mod:`lora_lite.hookspecs`).
+New storage formats plug in with :func:`register_layer_kind` (a distribution that adds,
+say, HQQ layers calls it when imported). This module imports nothing else of lora-lite
+but its errors: it is the leaf every other module may read layers through.
 """
 
 from __future__ import annotations
@@ -295,17 +295,6 @@ BNB_8BIT = _bnb_kind("bnb-8bit", "Linear8bitLt", "Int8Params", _read_8bit, _writ
 
 BUILTIN_KINDS = (BNB_4BIT, BNB_8BIT, CONV1D, DENSE_LINEAR)
 _KINDS: list[LayerKind] = list(BUILTIN_KINDS)
-_discovered = False
-
-
-def _ensure_discovered() -> None:
-    """Load entry-point layer kinds once, before the first lookup."""
-    global _discovered
-    if not _discovered:
-        _discovered = True
-        from .plugins import _discover
-
-        _discover()
 
 
 def register_layer_kind(kind: LayerKind, *, first: bool = True) -> None:
@@ -332,17 +321,22 @@ def unregister_layer_kind(name: str) -> None:
 
 def layer_kinds() -> tuple[LayerKind, ...]:
     """Every registered kind, in the order they are tried."""
-    _ensure_discovered()
     return tuple(_KINDS)
 
 
 def layer_kind(layer: nn.Module) -> LayerKind | None:
     """The registered kind of ``layer``, or ``None``."""
-    _ensure_discovered()
     for kind in _KINDS:
         if kind.matches(layer):
             return kind
     return None
+
+
+def kind_name(layer: nn.Module) -> str:
+    """The name of the layer's registered kind (``"linear"``, ``"bnb-4bit"``, ...), or
+    ``"unknown"`` for a linear-like layer no registered kind understands."""
+    kind = layer_kind(layer)
+    return kind.name if kind is not None else "unknown"
 
 
 def is_linear_like(layer: nn.Module) -> bool:
@@ -375,7 +369,7 @@ def _kind_or_raise(layer: nn.Module) -> LayerKind:
             f"(weight type {type(w).__name__}, dtype {getattr(w, 'dtype', None)}): no registered layer "
             "kind understands its storage, and reading quantized or packed storage as a weight would give "
             "garbage. Use a variant that does not read weights (e.g. lora), or register a LayerKind with "
-            "lora_lite.register_layer_kind() (or a `lora_lite.layer_kinds` entry point)."
+            "lora_lite.register_layer_kind()."
         )
     return kind
 

@@ -6,13 +6,10 @@ A PEFT LoRA adapter is a directory with ``adapter_config.json`` and
 ``scaling * B A x`` with ``scaling = lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``).
 That is lora-lite's ``lora`` variant term for term, so both directions are exact.
 
-Variants map through :data:`PEFT_FORMATS`, one :class:`PeftFormat` per variant: which
-adapter tensor becomes which PEFT key, extra config entries, and an optional ``convert``
-for variants PEFT stores differently. PiSSA is exported the way PEFT's own
-``path_initial_model_for_weight_conversion`` does it: as the rank-``2r`` LoRA delta
-``s (B A - B0 A0)`` against the ORIGINAL base weight (``A' = [A; A0]``, ``B' = [B, -B0]``,
-``lora_alpha' = 2 alpha``), so a PEFT user (or vLLM, TGI) loads it onto the untouched base
-model. ``s B0 A0`` is recovered exactly as ``W - W_res`` from the weight PiSSA replaced.
+Core knows no variant by name: a variant declares its format as ``peft = PeftFormat(...)``
+(which adapter tensor becomes which PEFT key, config entries that identify it, and an
+optional ``convert`` for variants PEFT stores differently, e.g. PiSSA's rank-``2r`` delta
+against the original weight); export and import read that declaration.
 
 Anything that would change the math (another variant, ``rank_pattern``, a trained bias,
 ``modules_to_save``, a base-mutating init, missing or extra tensors) raises
@@ -43,7 +40,6 @@ from ..errors import NotAttachedError, PeftInteropError
 from ..plugins import list_variants
 from ..runtime import Attachment, attach, attachments
 from ..targeting import block_index, linear_like_modules
-from ..weights import dense_weight, original_weight
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -54,40 +50,40 @@ Tensors = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class PeftFormat:
-    """How one lora-lite variant is written in PEFT's LoRA format.
+    """How a variant is written in, and read from, PEFT's adapter format; the variant
+    declares it as its ``peft`` attribute (core knows no variant by name).
 
     :param keys: lora-lite tensor name -> PEFT key suffix (``"lora_A": "lora_A.weight"``).
-    :param config: extra ``adapter_config.json`` entries (``{"use_dora": True}``).
-    :param convert: ``(attachment, target name, tensors by lora-lite name) -> (tensors, r, alpha)``
-        for a variant PEFT stores differently; ``None`` copies the tensors as they are.
+    :param config: ``adapter_config.json`` entries that identify the format: written on
+        export, and on import a file whose entries equal these (absent keys read as PEFT's
+        defaults) is read by this variant (``{"use_dora": True}``).
+    :param convert: ``(layer, cfg, tensors by lora-lite name) -> (tensors, r, alpha)`` for a
+        variant PEFT stores differently (export only: such a format is never chosen on
+        import); ``None`` copies the tensors as they are, both ways.
+    :param peft_type: PEFT's ``peft_type`` (``"LORA"``).
     """
 
     keys: dict[str, str]
     config: dict[str, Any] = field(default_factory=dict)
-    convert: Callable[[Attachment, str, Tensors], tuple[Tensors, int, float]] | None = None
+    convert: Callable[[nn.Module, LoraLiteConfig, Tensors], tuple[Tensors, int, float]] | None = None
+    peft_type: str = "LORA"
 
 
-def _pissa_as_lora_delta(att: Attachment, name: str, t: Tensors) -> tuple[Tensors, int, float]:
-    """Rank-2r LoRA equal to PiSSA's adapter on W_res, against the original base W."""
-    layer = dict(zip(att.target_names, (x.layer for x in att.targets)))[name]
-    s, r = att.cfg.alpha / att.cfg.r, att.cfg.r
-    w0 = _full_cpu(original_weight(layer)).double()
-    w_res = _full_cpu(dense_weight(layer)).double()
-    u, sv, vh = torch.linalg.svd((w0 - w_res) / s, full_matrices=False)  # = B0 A0, rank r
-    root = sv[:r].sqrt()
-    a0, b0 = (root[:, None] * vh[:r]).to(t["lora_A"].dtype), (u[:, :r] * root).to(t["lora_B"].dtype)
-    return {"lora_A": torch.cat([t["lora_A"], a0]), "lora_B": torch.cat([t["lora_B"], -b0], dim=1)}, 2 * r, 2 * att.cfg.alpha
+# PEFT's LoraConfig defaults for the entries a format may use to identify itself
+_LORA_DEFAULTS = {"use_dora": False, "use_rslora": False, "fan_in_fan_out": False}
 
 
-_LORA_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+def _format_of(info: Any) -> PeftFormat | None:
+    fmt = info.peft
+    if fmt is not None and not isinstance(fmt, PeftFormat):
+        raise PeftInteropError(
+            f"variant {info.name!r} declares peft={fmt!r}; it must be a lora_lite.PeftFormat."
+        )
+    return fmt
 
-PEFT_FORMATS: dict[str, PeftFormat] = {
-    "lora": PeftFormat(_LORA_KEYS),
-    "pissa": PeftFormat(_LORA_KEYS, convert=_pissa_as_lora_delta),
-    # PEFT's DoRA: the same m / ||W + s B A|| row scaling, with m under another name
-    "dora": PeftFormat({**_LORA_KEYS, "lora_magnitude": "lora_magnitude_vector"}, {"use_dora": True}),
-}
-"""Variant name -> PEFT format. Add a variant whose math matches a PEFT LoRA flavour here."""
+
+def _exportable() -> list[str]:
+    return sorted(v.name for v in list_variants() if v.peft is not None)
 
 
 def export_peft(
@@ -114,10 +110,10 @@ def export_peft(
             "config. Export a model with a single attachment."
         )
     att = atts[0]
-    fmt = PEFT_FORMATS.get(att.variant.name)
+    fmt = _format_of(att.variant)
     if fmt is None:
         raise PeftInteropError(
-            f"variant {att.variant.name!r} has no PEFT LoRA equivalent; exportable variants: {sorted(PEFT_FORMATS)}."
+            f"variant {att.variant.name!r} declares no PEFT format; installed variants that do: {_exportable()}."
         )
     tensors: Tensors = {}
     ranks = set()
@@ -127,17 +123,17 @@ def export_peft(
         if set(own) != set(fmt.keys):
             raise PeftInteropError(
                 f"{name} holds adapter tensors {sorted(own)} but the {att.variant.name} PEFT format maps "
-                f"{sorted(fmt.keys)}; update PEFT_FORMATS[{att.variant.name!r}]."
+                f"{sorted(fmt.keys)}; the variant's `peft` declaration is out of date."
             )
         if fmt.convert is not None:
-            own, r, alpha = fmt.convert(att, name, own)
+            own, r, alpha = fmt.convert(layer, att.cfg, own)
         else:
             r, alpha = att.cfg.r, att.cfg.alpha
         ranks.add((r, alpha))
         tensors.update({f"{PREFIX}{name}.{fmt.keys[k]}": v.contiguous() for k, v in own.items()})
     (r, alpha), = ranks
     config = {
-        "peft_type": "LORA",
+        "peft_type": fmt.peft_type,
         "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None) or None,
         "r": r,
@@ -180,7 +176,27 @@ _NEUTRAL = {
     # knobs of options that are off unless their switch (megatron_config, use_qalora) is set
     "megatron_core", "qalora_group_size",
 }
+# PEFT's init_lora_weights values (its vocabulary) that rewrite the base weights
 _MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def _importer(cfg: dict[str, Any], path: Path) -> tuple[str, PeftFormat]:
+    """The installed variant whose declared format reads this adapter config."""
+    found = []
+    for info in list_variants():
+        fmt = _format_of(info)
+        if fmt is None or fmt.convert is not None or fmt.peft_type != cfg.get("peft_type"):
+            continue
+        if all(cfg.get(k, _LORA_DEFAULTS.get(k)) == v for k, v in fmt.config.items()):
+            found.append((len(fmt.config), info.name, fmt))
+    if not found:
+        wanted = {k: cfg[k] for k in _LORA_DEFAULTS if cfg.get(k)}
+        raise PeftInteropError(
+            f"{path}: no installed variant reads a {cfg.get('peft_type')} adapter with {wanted or 'default options'}; "
+            f"variants with a PEFT format: {_exportable()}. Install the plugin that declares it."
+        )
+    _, name, fmt = max(found, key=lambda f: (f[0], f[1]))  # the most specific declaration wins
+    return name, fmt
 
 
 def _check_peft_config(cfg: dict[str, Any], path: Path) -> None:
@@ -248,8 +264,8 @@ def _selected_by_config(model: nn.Module, cfg: dict[str, Any]) -> set[str] | Non
 
 
 def import_peft(model: nn.Module, directory: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Attachment:
-    """Attach a lora-lite ``lora`` adapter (``dora`` if ``use_dora``) holding the PEFT LoRA
-    adapter in ``directory``.
+    """Attach the PEFT adapter in ``directory`` as the installed variant whose declared
+    :class:`PeftFormat` reads it (plain LoRA by the ``lora`` plugin, ``use_dora`` by ``dora``).
 
     Every tensor in the file must land on a target and every target must get its tensors;
     otherwise :class:`PeftInteropError` and the model is left as it was. ``dtype``: adapter
@@ -259,10 +275,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, dtype: torch.
     path = Path(directory)
     cfg, tensors = _read_peft_dir(path)
     _check_peft_config(cfg, path)
-    variant = "dora" if cfg.get("use_dora") else "lora"
-    if variant not in {v.name for v in list_variants()}:
-        raise PeftInteropError(f"{path}: use_dora=True needs the dora variant; pip install lora-lite-dora.")
-    fmt = PEFT_FORMATS[variant]
+    variant, fmt = _importer(cfg, path)
     suffix_to_name = {v: k for k, v in fmt.keys.items()}
     by_module: dict[str, Tensors] = {}
     for key, value in tensors.items():
@@ -289,7 +302,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, dtype: torch.
         )
     r = int(cfg["r"])
     alpha = float(cfg["lora_alpha"]) * (math.sqrt(r) if cfg.get("use_rslora") else 1.0)
-    storage = dtype or next(iter(by_module.values()))["lora_A"].dtype
+    storage = dtype or next(iter(next(iter(by_module.values())).values())).dtype
     config = LoraLiteConfig(
         variant=variant, r=r, alpha=alpha, dtype=storage, exclude_names=(),
         target_names=tuple(f"^{re.escape(m)}$" for m in sorted(by_module)),
@@ -354,4 +367,4 @@ def add_cli_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cli_import)
 
 
-__all__ = ["PEFT_FORMATS", "PeftFormat", "add_cli_commands", "export_peft", "import_peft"]
+__all__ = ["PeftFormat", "add_cli_commands", "export_peft", "import_peft"]

@@ -29,6 +29,11 @@ import lora_lite as ll
 
 class DoRA:
     name = "dora"
+    # PEFT's DoRA: the same m / ||W + s B A|| row scaling, with m under another name
+    peft = ll.PeftFormat(
+        {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude": "lora_magnitude_vector"},
+        {"use_dora": True},
+    )
 
     @staticmethod
     @ll.hookimpl

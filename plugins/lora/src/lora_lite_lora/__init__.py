@@ -20,6 +20,8 @@ import lora_lite as ll
 
 class LoRA:
     name = "lora"
+    # PEFT's LoRA is this equation term for term: both directions are exact
+    peft = ll.PeftFormat({"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}, {"use_dora": False})
 
     @staticmethod
     @ll.hookimpl

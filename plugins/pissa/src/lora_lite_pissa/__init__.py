@@ -56,9 +56,29 @@ class PiSSAConfig(ll.LoraLiteConfig):
             raise ll.ConfigError(f"pissa niter must be >= 0, got {self.niter}.")
 
 
+def _whole(w: torch.Tensor) -> torch.Tensor:
+    """The full tensor in float64 on CPU (a sharded DTensor is gathered: every rank calls it)."""
+    w = w.full_tensor() if callable(getattr(w, "full_tensor", None)) else w
+    return w.detach().to("cpu", torch.float64)
+
+
+def _as_lora_delta(layer, cfg, t):
+    """PEFT export: the rank-2r LoRA equal to this adapter on W_res, against the original W
+    (as PEFT's path_initial_model_for_weight_conversion writes PiSSA): A' = [A; A0],
+    B' = [B, -B0], alpha' = 2 alpha, with s B0 A0 = W - W_res recovered exactly from the
+    weight init replaced."""
+    s, r = cfg.alpha / cfg.r, cfg.r
+    u, sv, vh = torch.linalg.svd((_whole(ll.original_weight(layer)) - _whole(ll.dense_weight(layer))) / s,
+                                 full_matrices=False)  # = B0 A0, rank r
+    root = sv[:r].sqrt()
+    a0, b0 = (root[:, None] * vh[:r]).to(t["lora_A"].dtype), (u[:, :r] * root).to(t["lora_B"].dtype)
+    return {"lora_A": torch.cat([t["lora_A"], a0]), "lora_B": torch.cat([t["lora_B"], -b0], dim=1)}, 2 * r, 2 * cfg.alpha
+
+
 class PiSSA:
     name = "pissa"
     config_class = PiSSAConfig
+    peft = ll.PeftFormat({"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}, convert=_as_lora_delta)
 
     @staticmethod
     @ll.hookimpl
