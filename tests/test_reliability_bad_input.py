@@ -119,17 +119,123 @@ class BadSignature:
         return y
 
 
-class NoForward:
-    name = "t_noforward"
+class SelfMethod:
+    name = "t_selfmethod"
 
-    @staticmethod
-    @ll.hookimpl
     def param_specs(d_in, d_out, cfg):
         return {}
 
-    @staticmethod
-    def forward(layer, x, y):  # not decorated
+    def forward(self, layer, x, y):  # written as a method
         return y
+
+
+class NotADataclassConfig(ll.LoraLiteConfig):
+    variant: str = "t_nodataclass"
+    knob: float = 1.0
+
+
+class NoDataclass:
+    name = "t_nodataclass"
+    config_class = NotADataclassConfig
+
+    def param_specs(d_in, d_out, cfg):
+        return {}
+
+    def forward(layer, x, y):
+        return y
+
+
+@dataclass(kw_only=True)  # the only way a dataclass subclass can have a field without a default
+class KnobWithoutDefaultConfig(ll.LoraLiteConfig):
+    variant: str = "t_nodefault"
+    other: int
+
+
+class KnobWithoutDefault:
+    name = "t_nodefault"
+    config_class = KnobWithoutDefaultConfig
+
+    def param_specs(d_in, d_out, cfg):
+        return {}
+
+    def forward(layer, x, y):
+        return y
+
+
+@dataclass
+class OtherNameConfig(ll.LoraLiteConfig):
+    variant: str = "t_othername"
+
+
+class MismatchedConfigName:
+    name = "t_mismatch"
+    config_class = OtherNameConfig
+
+    def param_specs(d_in, d_out, cfg):
+        return {}
+
+    def forward(layer, x, y):
+        return y
+
+
+class WrongShape:
+    name = "t_wrongshape"
+
+    def param_specs(d_in, d_out, cfg):
+        return {"lora_s": ll.ParamSpec((d_in,), init=0.0)}
+
+    def forward(layer, x, y):
+        return x * layer.lora_s  # (..., d_in), not y's (..., d_out)
+
+
+class ReturnsTuple:
+    name = "t_tuple"
+
+    def param_specs(d_in, d_out, cfg):
+        return {"lora_s": ll.ParamSpec((d_out,), init=0.0)}
+
+    def forward(layer, x, y):
+        return y, layer.lora_s
+
+
+class ChangesDtype:
+    name = "t_dtype"
+
+    def param_specs(d_in, d_out, cfg):
+        return {"lora_s": ll.ParamSpec((d_out,), init=0.0)}
+
+    def forward_input(layer, x):
+        return x.double()
+
+
+class SpecsRaise:
+    name = "t_specsraise"
+
+    def param_specs(d_in, d_out, cfg):
+        return {"lora_s": ll.ParamSpec((d_out // 0,), init=0.0)}
+
+    def forward(layer, x, y):
+        return y
+
+
+class OnlyConv1D:
+    name = "t_onlyconv1d"
+    layer_kinds = ("conv1d",)
+
+    def param_specs(d_in, d_out, cfg):
+        return {"lora_s": ll.ParamSpec((d_out,), init=0.0)}
+
+    def forward(layer, x, y):
+        return y + layer.lora_s
+
+
+def _attach_registered(plugin):
+    """A case whose setup registers ``plugin`` (in-process) and whose act attaches it."""
+    return dict(act=lambda c: ll.attach(c.model, ll.LoraLiteConfig(variant=plugin.name, r=2)),
+                setup=lambda c: ll.register(plugin))
+
+
+REGISTERED_IN_CASES = ("t_wrongshape", "t_tuple", "t_dtype", "t_specsraise", "t_onlyconv1d")
 
 
 @dataclass(frozen=True)
@@ -169,8 +275,33 @@ CASES = [
          ll.UnknownVariantError, r"failed to load: PluginError.*does not match the contract.*rank",
          r"Fix its signature.*param_specs\(d_in, d_out, cfg\)",
          setup=lambda c: c.fake_entry_points(t_badsig=BadSignature)),
-    Case("plugin_hook_not_decorated", lambda c: ll.register(NoForward),
-         ll.PluginError, r"it implements \['param_specs'\]", r"not decorated with @lora_lite.hookimpl"),
+    Case("plugin_hook_written_as_method", lambda c: ll.register(SelfMethod),
+         ll.PluginError, r"'t_selfmethod': hook forward\(self, \.\.\.\) is written as a method",
+         r"Drop the 'self' parameter \(e\.g\. def forward\(layer, x, y\)\)"),
+    Case("plugin_config_not_a_dataclass", lambda c: ll.register(NoDataclass),
+         ll.PluginError, r"NotADataclassConfig is not decorated with @dataclass", r"Add @dataclass above it"),
+    Case("plugin_knob_without_default", lambda c: ll.register(KnobWithoutDefault),
+         ll.PluginError, r"knob\(s\) \['other'\] of KnobWithoutDefaultConfig have no default", r"every knob needs one"),
+    Case("plugin_config_names_another_variant", lambda c: ll.register(MismatchedConfigName),
+         ll.PluginError, r"OtherNameConfig.variant defaults to 't_othername'", r"declare `variant: str = 't_mismatch'`"),
+    Case("plugin_entry_point_name_disagrees", lambda c: ll.LoraLiteConfig(variant="t_epname"),
+         ll.UnknownVariantError, r"entry point 't_epname' .* loads a variant named 't_wrongshape'",
+         r"rename the entry point to 't_wrongshape'", setup=lambda c: c.fake_entry_points(t_epname=WrongShape)),
+    Case("plugin_forward_wrong_shape", error=ll.PluginError,
+         cause=r"hook forward on layers\.0\.\w+ \(Linear \d+ -> \d+\) returned a tensor of shape \(2, 32\)",
+         fix=r"must return one tensor of shape \(2, \d+\)", **_attach_registered(WrongShape)),
+    Case("plugin_forward_returns_tuple", error=ll.PluginError,
+         cause=r"hook forward on layers\.0\.\w+ .* returned a tuple", fix=r"must return one tensor",
+         **_attach_registered(ReturnsTuple)),
+    Case("plugin_forward_input_changes_dtype", error=ll.PluginError,
+         cause=r"hook forward_input .* returned a tensor of shape \(2, \d+\) and dtype torch\.float64",
+         fix=r"dtype torch\.float32 \(the same as its input x\)", **_attach_registered(ChangesDtype)),
+    Case("plugin_param_specs_raises", error=ll.AttachError,
+         cause=r"t_specsraise: param_specs of layers\.0\.\w+ \(\d+ -> \d+\) raised ZeroDivisionError",
+         fix=r"Nothing was attached", **_attach_registered(SpecsRaise)),
+    Case("plugin_unsupported_layer_kind", error=ll.TargetingError,
+         cause=r"supports the layer kinds \['conv1d'\], but target layers\.0\.\w+ is a 'linear' layer",
+         fix=r"Keep those layers out of the targets", **_attach_registered(OnlyConv1D)),
     Case("plugin_disabled_by_env", lambda c: ll.LoraLiteConfig(variant="pissa"),
          ll.UnknownVariantError, r"disabled by LORA_LITE_DISABLE_PLUGINS='pissa'",
          r"remove 'pissa' from that variable", setup=lambda c: c.env(LORA_LITE_DISABLE_PLUGINS="pissa")),
@@ -345,6 +476,9 @@ def test_bad_input(case: Case, tmp_path, monkeypatch):
     finally:
         monkeypatch.undo()
         unregister_toys()
+        for name in REGISTERED_IN_CASES:
+            if name in {v.name for v in ll.list_variants()}:
+                ll.unregister(name)
         ll.reload_plugins()
 
 

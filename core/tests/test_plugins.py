@@ -164,3 +164,66 @@ def test_subset_argument_hooks_are_bound_by_name():
     specs = info.hook("param_specs")(7, 3, ll.LoraLiteConfig(variant="t_scale"))
     assert specs["lora_g"].shape == (7,)
     assert sys.modules[info.module]
+
+
+class _CountingEP(_FakeEP):
+    loads: list[str] = []
+
+    def load(self):
+        _CountingEP.loads.append(self.name)
+        return super().load()
+
+
+def test_asking_for_one_variant_imports_only_its_plugin(monkeypatch):
+    class Short:  # the short plugin form: no @staticmethod, no @hookimpl
+        name = "t_short"
+
+        def param_specs(d_in, d_out, cfg):
+            return {"lora_s": ll.ParamSpec((d_out,), init=0.0)}
+
+        def forward(layer, x, y):
+            return y + layer.lora_s
+
+    other = types.SimpleNamespace(name="t_other")
+    eps = [_CountingEP("t_short", Short), _CountingEP("t_other", other), _CountingEP("t_fail", ImportError("x"))]
+    real = metadata.entry_points
+    monkeypatch.setattr(plugins.metadata, "entry_points",
+                        lambda group=None, **kw: eps if group == plugins.ENTRY_POINT_GROUP else real(group=group, **kw))
+    _CountingEP.loads = []
+    try:
+        ll.reload_plugins()
+        cfg = ll.LoraLiteConfig(variant="t_short", r=1)
+        assert _CountingEP.loads == ["t_short"]
+        model = nn.Sequential(nn.Linear(3, 2))
+        ll.attach(model, cfg)
+        with torch.no_grad():
+            model[0].lora_s.fill_(1.0)
+        torch.testing.assert_close(model(torch.zeros(1, 3)), model[0].bias[None] + 1)
+        # listing imports the rest, and reports what failed
+        assert {b.name for b in ll.broken_plugins()} == {"t_other", "t_fail"}
+        assert sorted(_CountingEP.loads) == ["t_fail", "t_other", "t_short"]
+    finally:
+        monkeypatch.setattr(plugins.metadata, "entry_points", real)
+        ll.reload_plugins()
+
+
+def test_metadata_is_read_and_checked():
+    info = ll.get_variant("lora")
+    assert info.size_knob == "r" and info.layer_kinds is None and info.peft is not None and info.lrs
+
+    class BadKnob:
+        name = "t_badknob"
+        size_knob = "alpha"  # a float field
+
+        def param_specs(d_in, d_out, cfg):
+            return {}
+
+        def forward(layer, x, y):
+            return y
+
+    with pytest.raises(ll.PluginError, match="size_knob 'alpha' must name an integer field"):
+        ll.register(BadKnob)
+    BadKnob.size_knob, BadKnob.lrs = "r", (1e-3, -1.0)
+    with pytest.raises(ll.PluginError, match="lrs must be a non-empty tuple of positive"):
+        ll.register(BadKnob)
+    assert "t_badknob" not in {v.name for v in ll.list_variants()}
