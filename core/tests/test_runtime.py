@@ -234,3 +234,88 @@ def test_fingerprint_of_a_rewritten_weight_is_the_original_one(mutating, x, tmp_
     ll.load(ToyTransformer(), ll.save(model, tmp_path / "a.safetensors"))  # the fresh base is the original
     ll.detach(model)
     assert ll.weights.base_fingerprint(halved) == want[att.targets[0].name]
+
+
+def test_step_and_regularization_loss_reach_the_variant_hooks():
+    import lora_lite as ll
+
+    calls = []
+
+    class Scheduled:
+        name = "t_scheduled"
+
+        def param_specs(d_in, d_out, cfg):
+            return {"lora_g": ll.ParamSpec((d_out,), init=0.0), "lora_steps": ll.ParamSpec((), init=0.0, trainable=False)}
+
+        def forward(layer, x, y):
+            return y + layer.lora_g
+
+        def step(model, targets, cfg):
+            calls.append(len(targets))
+            for t in targets:
+                t.layer.lora_steps.add_(1)
+
+        def regularization_loss(model, targets, cfg):
+            return sum((t.layer.lora_g ** 2).sum() for t in targets)
+
+    ll.register(Scheduled)
+    try:
+        model = ToyTransformer()
+        ll.attach(model, ll.LoraLiteConfig(variant="t_scheduled", target_names=(r"q_proj$",)))
+        ll.attach(model, ll.LoraLiteConfig(variant="lora", r=2, target_names=(r"v_proj$",)))  # no hooks: skipped
+        with torch.no_grad():
+            model.layers[0].q_proj.lora_g.fill_(2.0)
+        reg = ll.regularization_loss(model)
+        assert reg.requires_grad and reg.item() == 4.0 * 32  # one layer of 32 outputs at 2.0
+        reg.backward()
+        torch.testing.assert_close(model.layers[0].q_proj.lora_g.grad, torch.full((32,), 4.0))
+        ll.step(model)
+        ll.step(model)
+        assert calls == [2, 2] and model.layers[1].q_proj.lora_steps.item() == 2.0
+    finally:
+        ll.detach(model)
+        ll.unregister("t_scheduled")
+    plain = ToyTransformer()
+    ll.attach(plain, ll.LoraLiteConfig(variant="lora", r=2))
+    assert ll.regularization_loss(plain).item() == 0.0
+    ll.step(plain)  # no schedule: a no-op
+
+
+def test_group_init_may_run_backward_and_core_restores_grads():
+    import lora_lite as ll
+
+    class GradCalibrated:
+        name = "t_gradcal"
+
+        def param_specs(d_in, d_out, cfg):
+            return {"lora_g": ll.ParamSpec((d_out, d_in), init=0.0)}
+
+        def group_init(model, targets, cfg, calibration_data):
+            for t in targets:
+                t.layer.weight.requires_grad_(True)
+            loss = sum(model(x).pow(2).mean() for x in calibration_data)
+            loss.backward()
+            with torch.no_grad():
+                for t in targets:
+                    t.layer.lora_g.copy_(t.layer.weight.grad)
+
+        def forward(layer, x, y):
+            return y + x @ layer.lora_g.T * 0.0
+
+    ll.register(GradCalibrated)
+    try:
+        model = ToyTransformer()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.lm_head.weight.requires_grad_(True)
+        model.lm_head.weight.grad = torch.ones_like(model.lm_head.weight)
+        ll.attach(model, ll.LoraLiteConfig(variant="t_gradcal", target_names=(r"q_proj$",)),
+                  calibration_data=[torch.randn(2, 3, 32)])
+        q = model.layers[0].q_proj
+        assert q.lora_g.abs().sum() > 0  # the gradient reached the variant
+        assert q.weight.grad is None and not q.weight.requires_grad  # and core put things back
+        assert torch.equal(model.lm_head.weight.grad, torch.ones_like(model.lm_head.weight))
+        ll.detach(model)
+        assert model.lm_head.weight.requires_grad and not q.weight.requires_grad
+    finally:
+        ll.unregister("t_gradcal")

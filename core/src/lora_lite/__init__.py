@@ -34,7 +34,7 @@ from .hookspecs import hookimpl, hookspec
 from .params import ParamSpec
 from .integrations.peft import PeftFormat, export_peft, import_peft
 from .plugins import broken_plugins, get_variant, list_variants, register, reload_plugins, unregister
-from .runtime import Attachment, attach, attachments, detach
+from .runtime import Attachment, attach, attachments, detach, regularization_loss, step
 from .targeting import Target, find_targets
 from .weights import (
     LayerKind,
@@ -62,7 +62,7 @@ __all__ = [
     "TargetingError", "UnknownVariantError", "WeightAccessError", "attach", "attachments", "broken_plugins",
     "dense_weight", "detach", "export_peft", "find_targets", "get_variant", "hookimpl", "hookspec", "import_peft",
     "is_quantized", "kind_name", "layer_kind", "layer_kinds", "list_variants", "load", "low_rank_update", "original_weight", "read_checkpoint",
-    "register",
+    "register", "regularization_loss", "step",
     "register_layer_kind", "reload_plugins", "replace_dense_weight", "save", "unregister", "unregister_layer_kind",
     "__version__",
 ]

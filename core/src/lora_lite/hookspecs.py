@@ -98,6 +98,10 @@ def group_init(model, targets, cfg, calibration_data):
     floating tensors (:class:`lora_lite.CalibrationError`); raise it yourself for
     anything else your variant cannot calibrate on.
 
+    A variant may run ``backward`` here (LoRA-GA's gradients of the calibration loss):
+    core restores every parameter's ``requires_grad`` and ``.grad`` afterwards, whatever
+    the hook changed.
+
     Optional. If it raises, the whole attach is rolled back.
 
     :param model: the whole model (adapter hooks are not yet registered).
@@ -164,7 +168,43 @@ def merge(layer, weight, bias):
     """
 
 
-HOOK_NAMES = ("param_specs", "init", "group_init", "forward", "forward_input", "merge")
+@hookspec
+def step(model, targets, cfg):
+    """Advance the variant's training-time schedule by one optimizer step.
+
+    Called by ``lora_lite.step(model)``, once per attachment, which users call after
+    ``optimizer.step()`` and before ``optimizer.zero_grad()`` (so gradients are still
+    there: importance scores read them); the transformers callback
+    ``lora_lite.hf.AdapterCheckpointCallback`` calls it at that point for Trainer users.
+    For rank schedules (AdaLoRA's budget allocation) and anything else that changes
+    between steps. Not on the forward path. Keep every piece of state that a resumed run
+    needs (a step counter, masks) in persistent ``lora_*`` tensors, so ``save``/``load``
+    carry it exactly.
+
+    Optional.
+
+    :param model: the whole model.
+    :param targets: ``list[Target]`` of this attachment.
+    :param cfg: the variant's config.
+    :returns: ignored.
+    """
+
+
+@hookspec
+def regularization_loss(model, targets, cfg):
+    """A term to add to the training loss (AdaLoRA's orthogonality penalty).
+
+    Called by ``lora_lite.regularization_loss(model)``, which sums the terms of every
+    attachment; users add that to their loss before ``backward``. Must be differentiable
+    with respect to the adapter tensors, and already weighted by the variant's own knob.
+
+    Optional.
+
+    :returns: a scalar tensor, or ``None`` for no term.
+    """
+
+
+HOOK_NAMES = ("param_specs", "init", "group_init", "forward", "forward_input", "merge", "step", "regularization_loss")
 
 
 def spec_args(hook: str) -> tuple[str, ...]:

@@ -9,6 +9,7 @@ on attention plus IA3-FF on the MLP, say). The model keeps its bookkeeping in
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -386,7 +387,8 @@ def _build(plan: _Plan, *, calibrate: bool) -> Attachment:
                 init(t.layer, cfg, targets)
         if group_init is not None and calibrate:
             stage = "group_init"
-            group_init(model, targets, cfg, plan.calibration_data)
+            with _grads_preserved(model):
+                group_init(model, targets, cfg, plan.calibration_data)
         stage = "checking the forward hooks"
         _check_forward(att)
         stage = "registering hooks"
@@ -417,6 +419,21 @@ def _build(plan: _Plan, *, calibrate: bool) -> Attachment:
         existing.attachments.append(att)
     _freeze_base(model, plan.params)
     return att
+
+
+@contextmanager
+def _grads_preserved(model: nn.Module):
+    """Let ``group_init`` run backward: put back every parameter's ``requires_grad`` and
+    ``.grad`` as they were, whatever happened inside."""
+    saved = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+    for p, _, _ in saved:
+        p.grad = None  # stashed, not cleared: backward would accumulate into it in place
+    try:
+        yield
+    finally:
+        for p, flag, grad in saved:
+            p.requires_grad_(flag)
+            p.grad = grad
 
 
 def attach(model: nn.Module, cfg: LoraLiteConfig, calibration_data: Iterable[Any] | None = None) -> Attachment:
@@ -482,6 +499,38 @@ def _undo(att: Attachment) -> None:
         for attr in [n for n in layer.__dict__ if n.startswith(_OWNED_PREFIXES)]:
             del layer.__dict__[attr]
     att.live = False
+
+
+def step(model: nn.Module) -> None:
+    """Advance every attachment's schedule by one training step (the ``step`` hook, e.g.
+    AdaLoRA's rank allocation). Call it after ``optimizer.step()`` and before
+    ``optimizer.zero_grad()``; a no-op for variants without a schedule::
+
+        loss = model(x).loss + lora_lite.regularization_loss(model)
+        loss.backward(); opt.step(); lora_lite.step(model); opt.zero_grad()
+    """
+    for att in _state(model).attachments:
+        hook = att.variant.hook("step")
+        if hook is not None:
+            hook(model, att.targets, att.cfg)
+
+
+def regularization_loss(model: nn.Module) -> torch.Tensor:
+    """The sum of every attachment's ``regularization_loss`` term (a 0-d tensor; zero when
+    no variant has one), to add to the training loss before ``backward``."""
+    terms = []
+    for att in _state(model).attachments:
+        hook = att.variant.hook("regularization_loss")
+        term = hook(model, att.targets, att.cfg) if hook is not None else None
+        if term is not None:
+            if not isinstance(term, torch.Tensor) or term.numel() != 1:
+                raise PluginError(
+                    f"variant {att.variant.name!r}: regularization_loss must return a scalar tensor or None, got {term!r}."
+                )
+            terms.append(term.reshape(()))
+    if not terms:
+        return torch.zeros((), device=next(model.parameters(), torch.zeros(())).device)
+    return sum(terms[1:], terms[0])
 
 
 def detach(model: nn.Module) -> None:

@@ -28,6 +28,7 @@ from torch import nn
 from ..checkpoint import save
 from ..errors import MissingDependencyError, ModelLoadError
 from ..runtime import attachments
+from ..runtime import step as lora_step
 
 try:
     import transformers
@@ -152,7 +153,10 @@ class AdapterCheckpointCallback(TrainerCallback):
     ``lora_lite.load(fresh_base_model, path)``.
 
     When training starts with gradient checkpointing on, it makes the input embeddings'
-    output require grad (see :func:`enable_gradient_checkpointing`).
+    output require grad (see :func:`enable_gradient_checkpointing`). After every optimizer
+    step it calls :func:`lora_lite.step` (variants with a schedule, e.g. AdaLoRA). A
+    variant's ``lora_lite.regularization_loss`` term is not added by a callback (callbacks
+    cannot change the loss): override ``Trainer.compute_loss`` to add it.
     """
 
     def __init__(self, filename: str = ADAPTER_FILENAME, full_checkpoints: bool = False) -> None:
@@ -163,6 +167,11 @@ class AdapterCheckpointCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None and _is_checkpointing(model):
             model.enable_input_require_grads()
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        # after optimizer.step(), before zero_grad(): where lora_lite.step must run
+        if model is not None and attachments(model):
+            lora_step(model)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         return self._maybe_save(args, state, control, model)
