@@ -24,7 +24,7 @@ import torch
 
 import lora_lite as ll
 
-from .models import quantize_linears, tiny_gpt2, tiny_qwen3
+from .models import bnb_qwen3, tiny_gpt2, tiny_qwen3
 from .test_every_variant import Qwen3Kit, kit_for
 
 # column -> (architecture, bnb setting or None)
@@ -46,8 +46,7 @@ def make_model(kind: str, seed: int = 0) -> torch.nn.Module:
     arch, setting = KINDS[kind]
     if arch == "gpt2":
         return tiny_gpt2(seed)
-    model = tiny_qwen3(seed)
-    return quantize_linears(model, setting) if setting else model
+    return bnb_qwen3(setting, seed) if setting else tiny_qwen3(seed)
 
 
 class LayerKindKit(Qwen3Kit):

@@ -9,11 +9,22 @@ def tiny_qwen3(seed: int = 0, layers: int = 2, **config):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Qwen3Config(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64, **config,
-    )
+    shape = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=8, max_position_embeddings=64)
+    cfg = Qwen3Config(num_hidden_layers=layers, **{**shape, **config})
     return Qwen3ForCausalLM(cfg).eval()
+
+
+# bitsandbytes' CPU 4-bit kernels (0.50, AVX512-BF16 machines) quantize rows shorter than
+# one 64-value block with ~4x the usual error and cannot repack them for inference: bnb
+# test models use the tiny Qwen3 shape widened so every in_features >= 64 and every
+# out_features is a multiple of 32, as in any real model
+BNB_WIDE = dict(hidden_size=64, intermediate_size=128, head_dim=16)
+
+
+def bnb_qwen3(setting: str, seed: int = 0, layers: int = 2) -> torch.nn.Module:
+    """The widened tiny Qwen3 (:data:`BNB_WIDE`) with every linear but lm_head quantized by ``setting``."""
+    return quantize_linears(tiny_qwen3(seed, layers, **BNB_WIDE), setting)
 
 
 def token_batch(vocab: int = 128, batch: int = 2, seq: int = 8, seed: int = 1) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ import torch
 import lora_lite as ll
 
 from .layer_support import KINDS, LayerKindKit, make_model, same_state
-from .models import quantize_linears, tiny_qwen3, token_batch
+from .models import BNB_WIDE, bnb_qwen3, quantize_linears, tiny_qwen3, token_batch
 
 bnb = pytest.importorskip("bitsandbytes")
 pytest.importorskip("transformers")
@@ -21,9 +21,7 @@ BNB = ["bnb-nf4", "bnb-fp4", "bnb-int8"]
 
 
 def _targets_with_fp_weights(setting):
-    fp = tiny_qwen3()
-    q = quantize_linears(tiny_qwen3(), setting)
-    return fp, q
+    return tiny_qwen3(**BNB_WIDE), bnb_qwen3(setting)
 
 
 @pytest.mark.parametrize("setting", BNB)
@@ -48,7 +46,7 @@ def test_delora_weight_norms_are_those_of_the_dequantized_weight(setting):
 
 
 def test_pissa_refuses_quantized_layers_by_default_and_says_what_to_do():
-    model = quantize_linears(tiny_qwen3(), "bnb-nf4")
+    model = bnb_qwen3("bnb-nf4")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ll.WeightAccessError, match="quantized='requantize'.*dequantize|dequantize.*quantized='requantize'"):
         ll.attach(model, ll.LoraLiteConfig(variant="pissa", r=4))
@@ -57,8 +55,7 @@ def test_pissa_refuses_quantized_layers_by_default_and_says_what_to_do():
 
 @pytest.mark.parametrize("setting", BNB)
 def test_pissa_requantize_reports_its_identity_error_and_detach_restores_the_storage(setting, tmp_path):
-    fp = tiny_qwen3()
-    model = quantize_linears(tiny_qwen3(), setting)
+    fp, model = tiny_qwen3(**BNB_WIDE), bnb_qwen3(setting)
     batch = token_batch()
     original = {k: v.clone() for k, v in model.state_dict().items()}
     dequantized = {n: ll.dense_weight(m).float().clone() for n, m in model.named_modules() if ll.layer_kind(m) and n != "lm_head"}
@@ -154,13 +151,13 @@ def test_matrix_models_are_really_quantized():
 def test_an_adapter_loads_after_bnb_repacked_the_model_for_cpu_inference(tmp_path):
     """bnb repacks 4-bit layers on the first inference forward on AVX512-BF16 CPUs (and
     rounds their block scales to bf16); the base-weight fingerprint must not change."""
-    model = quantize_linears(tiny_qwen3(), "bnb-nf4")
+    model = bnb_qwen3("bnb-nf4")
     ll.attach(model, ll.LoraLiteConfig(variant="lora", r=2))
     path = ll.save(model, tmp_path / "a.safetensors")
     ll.detach(model)
-    # bnb can repack only layers with in_features >= 64 and out_features % 32 == 0: down_proj here
+    # bnb can repack only layers with in_features >= 64 and out_features % 32 == 0: all of the widened model's
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit) and m.in_features >= 64]
-    assert len(layers) == 2
+    assert len(layers) == 14
     for layer in layers:
         layer.support_avx512bf16_for_cpu = True  # bnb's own path, whatever this CPU is
         layer.eval()

@@ -117,6 +117,10 @@ def principal_components(model, targets, cfg, calibration_data) -> dict[str, tor
     # them (bnb 8-bit layers compute differently in train and eval mode)
     modes, seen = [(m, m.training) for m in model.modules()], 0
     model.eval()
+    for module, mode in modes:  # but quantized layers keep theirs: an eval forward makes bnb
+        kind = ll.layer_kind(module) if mode else None  # re-lay out (and round) 4-bit storage on CPU
+        if kind is not None and kind.quantized:
+            module.training = True
     try:
         with torch.no_grad():
             for batch in calibration_data:
