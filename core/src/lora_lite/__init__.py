@@ -20,6 +20,7 @@ from .errors import (
     ConfigError,
     ForwardError,
     LoraLiteError,
+    MergeError,
     MissingDependencyError,
     ModelLoadError,
     NotAttachedError,
@@ -30,6 +31,7 @@ from .errors import (
     WeightAccessError,
 )
 from .functional import low_rank_update
+from .merging import merge, merge_and_unload, unmerge
 from .hookspecs import hookimpl, hookspec
 from .params import ParamSpec
 from .integrations.peft import PeftFormat, export_peft, import_peft
@@ -57,12 +59,12 @@ except PackageNotFoundError:  # running from a source tree without an install
 __all__ = [
     "AlreadyAttachedError", "AttachError", "Attachment", "CalibrationError", "CheckpointError",
     "CheckpointFormatError", "CheckpointMismatchError", "ConfigError", "ForwardError", "LayerKind",
-    "LoraLiteConfig", "LoraLiteError", "MissingDependencyError", "ModelLoadError", "NotAttachedError", "ParamSpec",
-    "PeftInteropError", "PluginError", "ROLES", "Target",
-    "TargetingError", "UnknownVariantError", "WeightAccessError", "attach", "attachments", "broken_plugins",
-    "dense_weight", "detach", "export_peft", "find_targets", "get_variant", "hookimpl", "hookspec", "import_peft",
-    "is_quantized", "kind_name", "layer_kind", "layer_kinds", "list_variants", "load", "low_rank_update", "original_weight", "read_checkpoint",
-    "register", "regularization_loss", "step",
-    "register_layer_kind", "reload_plugins", "replace_dense_weight", "save", "unregister", "unregister_layer_kind",
-    "__version__",
+    "LoraLiteConfig", "LoraLiteError", "MergeError", "MissingDependencyError", "ModelLoadError",
+    "NotAttachedError", "ParamSpec", "PeftFormat", "PeftInteropError", "PluginError", "ROLES", "Target", "TargetingError",
+    "UnknownVariantError", "WeightAccessError", "attach", "attachments", "broken_plugins", "dense_weight",
+    "detach", "export_peft", "find_targets", "get_variant", "hookimpl", "hookspec", "import_peft",
+    "is_quantized", "kind_name", "layer_kind", "layer_kinds", "list_variants", "load", "low_rank_update",
+    "merge", "merge_and_unload", "original_weight", "read_checkpoint", "register", "register_layer_kind",
+    "regularization_loss", "reload_plugins", "replace_dense_weight", "save", "step", "unmerge", "unregister",
+    "unregister_layer_kind", "__version__",
 ]

@@ -58,6 +58,10 @@ class CheckpointMismatchError(CheckpointError):
     """Keys, shapes, dtypes, targets or base weights differ between the file and the model."""
 
 
+class MergeError(LoraLiteError):
+    """A merge or unmerge cannot be done (no merge hook, quantized storage, already merged, not merged)."""
+
+
 class ForwardError(LoraLiteError):
     """An adapted layer was called in a way the adapter cannot handle."""
 

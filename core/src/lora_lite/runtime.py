@@ -24,6 +24,7 @@ from .errors import (
     ConfigError,
     ForwardError,
     LoraLiteError,
+    MergeError,
     NotAttachedError,
     PluginError,
     TargetingError,
@@ -93,6 +94,10 @@ class Attachment:
                 "this attachment was already detached; lora_lite.attachments(model) lists the live ones."
             )
         state = _state(self.model)
+        if state.merged:  # put the weights back as they were before merge, then remove this one
+            from .merging import unmerge
+
+            unmerge(self.model)
         _undo(self)
         state.attachments.remove(self)
         if not state.attachments:
@@ -107,6 +112,7 @@ class Attachment:
 class _ModelState:
     attachments: list[Attachment]
     requires_grad: dict[str, bool]
+    merged: bool = False  # see merging.py
 
 
 def _state(model: nn.Module) -> _ModelState:
@@ -285,6 +291,11 @@ def _plan(model: nn.Module, cfg: LoraLiteConfig, calibration_data: Any) -> _Plan
         )
     targets = find_targets(model, cfg)
     existing = model.__dict__.get(_STATE_ATTR)
+    if existing is not None and existing.merged:
+        raise MergeError(
+            "the model's adapters are merged into its weights; call lora_lite.unmerge(model) before attaching "
+            "or loading another adapter (or lora_lite.merge_and_unload(model) to make the merge permanent)."
+        )
     taken = {id(t.layer): t.name for a in (existing.attachments if existing else []) for t in a.targets}
     clash = [t.name for t in targets if id(t.layer) in taken]
     if clash:
@@ -366,6 +377,24 @@ def _check_forward(att: Attachment) -> None:
                 _expect(fwd(t.layer, x, y), y, att.variant, "forward", t)
 
 
+def _register_hooks(att: Attachment) -> None:
+    """The forward pre-/post-hooks that make the attachment act (at attach, and at unmerge)."""
+    fwd, fwd_in = att.variant.hook("forward"), att.variant.hook("forward_input")
+    for t in att.targets:
+        if fwd_in is not None:
+            pre = _make_pre_hook(fwd_in, t.name)
+            att.hook_handles.append(t.layer.register_forward_pre_hook(pre, with_kwargs=True))
+        if fwd is not None:
+            post = _make_post_hook(fwd, t.name)
+            att.hook_handles.append(t.layer.register_forward_hook(post, with_kwargs=True))
+
+
+def _remove_hooks(att: Attachment) -> None:
+    for handle in att.hook_handles:
+        handle.remove()
+    att.hook_handles.clear()
+
+
 def _build(plan: _Plan, *, calibrate: bool) -> Attachment:
     """Stages 2-5 (create tensors + init, calibrate, check forward, register hooks), all or
     nothing: any failure rolls the model back exactly and raises a typed error naming the
@@ -392,14 +421,7 @@ def _build(plan: _Plan, *, calibrate: bool) -> Attachment:
         stage = "checking the forward hooks"
         _check_forward(att)
         stage = "registering hooks"
-        fwd, fwd_in = variant.hook("forward"), variant.hook("forward_input")
-        for t in targets:
-            if fwd_in is not None:
-                pre = _make_pre_hook(fwd_in, t.name)
-                att.hook_handles.append(t.layer.register_forward_pre_hook(pre, with_kwargs=True))
-            if fwd is not None:
-                post = _make_post_hook(fwd, t.name)
-                att.hook_handles.append(t.layer.register_forward_hook(post, with_kwargs=True))
+        _register_hooks(att)
     except BaseException as err:
         _undo(att)
         if first:
@@ -484,13 +506,14 @@ def _restore_requires_grad(model: nn.Module, flags: dict[str, bool]) -> None:
             p.requires_grad_(flags[name])
 
 
-def _undo(att: Attachment) -> None:
-    for handle in att.hook_handles:
-        handle.remove()
-    att.hook_handles.clear()
+def _undo(att: Attachment, restore_weights: bool = True) -> None:
+    """Remove the attachment's hooks, tensors and ``lora_*``/``_lora_lite*`` attributes;
+    with ``restore_weights`` also put back any base weight its init replaced."""
+    _remove_hooks(att)
     for t in att.targets:
         layer = t.layer
-        restore_dense_weight(layer)
+        if restore_weights:
+            restore_dense_weight(layer)
         for pname in [n for n in layer._parameters if n.startswith(_OWNED_PREFIXES)]:
             del layer._parameters[pname]
         for bname in [n for n in layer._buffers if n.startswith(_OWNED_PREFIXES)]:

@@ -14,6 +14,7 @@ Layers: any linear-like layer. LoRA never reads the base weight, so quantized la
 
 from __future__ import annotations
 
+import torch
 
 import lora_lite as ll
 
@@ -40,3 +41,7 @@ class LoRA:
     @ll.hookimpl
     def forward(layer, x, y):
         return ll.low_rank_update(x, layer.lora_A, layer.lora_B, layer.lora_scaling, y)
+
+    def merge(layer, weight, bias):
+        # W' = W + s B A (in float32: weight is float32)
+        return torch.addmm(weight, layer.lora_B.float(), layer.lora_A.float(), alpha=layer.lora_scaling), bias

@@ -1,0 +1,179 @@
+"""merge / unmerge / merge_and_unload: fold the adapters into the base weights, and back.
+
+``merge(model)`` asks each attachment's variant, through its ``merge`` hook, for the
+dense weight and bias that compute what its hooks compute, writes them into the target
+layers through their layer kind (``weights.py``: plain, Conv1D's transposed storage,
+bitsandbytes), and removes the hooks: the model then runs at the base model's speed and
+changing a ``lora_*`` tensor no longer changes its output. The adapter tensors stay.
+``unmerge(model)`` puts back, bit for bit, the storage that was there before (each write
+returns its exact undo) and re-registers the hooks, so training can go on.
+``merge_and_unload(model)`` makes the merge permanent and removes every trace of
+lora-lite. Core computes nothing variant-specific here.
+
+Defined behaviour: merging a merged model or unmerging an unmerged one raises
+:class:`MergeError`; attaching or loading onto a merged model too; ``save`` while merged
+writes the adapter as it is (the base fingerprint was taken before the merge); ``detach``
+while merged unmerges first, so the base comes back exactly. Quantized storage (bnb 4/8-bit)
+is refused unless ``dequantize=True`` (the layer is swapped for a dense ``nn.Linear``
+holding the merged weight: exact) or ``requantize=True`` (the merged weight is quantized
+into the layer's own format; the error that introduced is measured and returned).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, MergeError
+from .runtime import Attachment, _register_hooks, _remove_hooks, _restore_requires_grad, _state, _undo, _STATE_ATTR
+from .weights import dense_weight, layer_kind
+
+_MERGE_UNDO = "_lora_lite_merge_undo"  # on each merged layer: undo functions, in write order
+
+Undo = Callable[[], None]
+
+
+def _check_mergeable(atts: list[Attachment], dequantize: bool, requantize: bool) -> None:
+    no_hook = sorted({a.variant.name for a in atts if not a.variant.mergeable})
+    if no_hook:
+        raise MergeError(
+            f"variant(s) {no_hook} have no merge hook, so their adapters cannot be folded into the weights; "
+            "run them through the hooks, or detach them before merging the others."
+        )
+    if dequantize and requantize:
+        raise ConfigError("merge takes dequantize=True or requantize=True, not both.")
+    for att in atts:
+        for t in att.targets:
+            kind = layer_kind(t.layer)
+            if kind is None or (kind.write is None and not (kind.quantized and dequantize)):
+                raise MergeError(
+                    f"{t.name} ({type(t.layer).__name__}) has a storage lora-lite cannot write a merged weight into; "
+                    "keep it hooked (do not merge), or register a LayerKind with a write function."
+                )
+            if kind.quantized and not (dequantize or requantize):
+                raise MergeError(
+                    f"{t.name} is a quantized {kind.name} layer: merging into it means requantizing the merged "
+                    "weight, which loses precision. Pass dequantize=True (swap in a dense nn.Linear holding the "
+                    "merged weight: exact) or requantize=True (store it quantized; the error is measured and returned)."
+                )
+
+
+def _merged(att: Attachment, layer: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The variant's merged (weight, bias) for one target, in float32, checked."""
+    weight = dense_weight(layer).detach().to(torch.float32, copy=True)
+    bias = getattr(layer, "bias", None)
+    bias = None if bias is None else bias.detach().to(torch.float32, copy=True)
+    with torch.no_grad():
+        got = att.variant.hook("merge")(layer, weight, bias)
+    if not (isinstance(got, tuple) and len(got) == 2 and isinstance(got[0], torch.Tensor)
+            and got[0].shape == weight.shape and (got[1] is None) == (bias is None)
+            and (got[1] is None or got[1].shape == bias.shape)):
+        raise MergeError(
+            f"variant {att.variant.name!r}: merge on {name} must return (weight {tuple(weight.shape)}, bias "
+            f"{None if bias is None else tuple(bias.shape)}), got {type(got).__name__}."
+        )
+    return got
+
+
+def _swap_bias(layer: nn.Module, bias: torch.Tensor) -> Undo:
+    old = layer.bias.data
+    layer.bias.data = bias.to(dtype=old.dtype, device=old.device)
+    return lambda: setattr(layer.bias, "data", old)
+
+
+def _dense_replacement(model: nn.Module, name: str, layer: nn.Module, weight, bias) -> Undo:
+    """Swap ``layer`` for an ``nn.Linear`` holding the merged weight; the undo swaps it back."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    dtype = getattr(layer, "compute_dtype", None) or (torch.float32 if bias is None else layer.bias.dtype)
+    dense = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=dtype)
+    with torch.no_grad():
+        dense.weight.copy_(weight)
+        if bias is not None:
+            dense.bias.copy_(bias)
+    dense.requires_grad_(False)
+    dense.train(layer.training)
+    setattr(parent, child, dense)
+    return lambda: setattr(parent, child, layer)
+
+
+def merge(model: nn.Module, *, dequantize: bool = False, requantize: bool = False) -> dict[str, float]:
+    """Fold every attachment into the base weights; the hooks stop acting, the tensors stay.
+
+    :returns: ``{target: error}`` for layers written with ``requantize=True``: the max abs
+        difference between the stored (requantized) and the exact merged weight, relative
+        to the merged weight's max abs value. Empty otherwise.
+    """
+    state = _state(model)
+    if state.merged:
+        raise MergeError("the model's adapters are already merged; lora_lite.unmerge(model) first to merge again.")
+    _check_mergeable(state.attachments, dequantize, requantize)
+    for att in state.attachments:
+        att.fingerprint  # noqa: B018  (taken now, from the weights as they were: save while merged stays valid)
+    errors: dict[str, float] = {}
+    done: list[nn.Module] = []
+    try:
+        for att in state.attachments:
+            for t in att.targets:
+                weight, bias = _merged(att, t.layer, t.name)
+                kind = layer_kind(t.layer)
+                undos = t.layer.__dict__.setdefault(_MERGE_UNDO, [])
+                done.append(t.layer)
+                if kind.quantized and dequantize:
+                    undos.append(_dense_replacement(model, t.name, t.layer, weight, bias))
+                    continue
+                undos.append(kind.write(t.layer, weight))
+                if kind.quantized:
+                    stored = dense_weight(t.layer).float()
+                    errors[t.name] = float((stored - weight).abs().max() / weight.abs().max().clamp_min(1e-30))
+                if bias is not None:
+                    undos.append(_swap_bias(t.layer, bias))
+    except BaseException:
+        _run_undos(done)
+        raise
+    for att in state.attachments:
+        _remove_hooks(att)
+    state.merged = True
+    if errors:
+        warnings.warn(
+            f"merge requantized {len(errors)} layer(s); max relative error {max(errors.values()):.3g} "
+            "(the returned dict has it per layer).", stacklevel=2,
+        )
+    return errors
+
+
+def _run_undos(layers: list[nn.Module]) -> None:
+    for layer in reversed(layers):
+        for undo in reversed(layer.__dict__.pop(_MERGE_UNDO, [])):
+            undo()
+
+
+def unmerge(model: nn.Module) -> None:
+    """Put back the weights from before :func:`merge` bit for bit and re-enable the hooks."""
+    state = _state(model)
+    if not state.merged:
+        raise MergeError("the model's adapters are not merged; there is nothing to unmerge.")
+    _run_undos([t.layer for att in state.attachments for t in att.targets])
+    for att in state.attachments:
+        _register_hooks(att)
+    state.merged = False
+
+
+def merge_and_unload(model: nn.Module, *, dequantize: bool = False, requantize: bool = False) -> nn.Module:
+    """Merge (if not merged yet) and remove every trace of lora-lite: no hooks, no ``lora_*``
+    tensors or attributes, no bookkeeping; ``requires_grad`` flags as before the first
+    attach. Returns ``model``, now a plain model with the adapted weights."""
+    state = _state(model)
+    if not state.merged:
+        merge(model, dequantize=dequantize, requantize=requantize)
+    for att in state.attachments:
+        _undo(att, restore_weights=False)  # also drops the merge undos and a rewritten weight's record
+    _restore_requires_grad(model, state.requires_grad)
+    del model.__dict__[_STATE_ATTR]
+    return model
+
+
+__all__ = ["merge", "merge_and_unload", "unmerge"]
