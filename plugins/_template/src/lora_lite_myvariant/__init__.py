@@ -34,8 +34,6 @@ class MyVariant:
     name = "myvariant"
     config_class = MyVariantConfig
 
-    @staticmethod
-    @ll.hookimpl
     def param_specs(d_in, d_out, cfg):
         return {
             "lora_A": ll.ParamSpec((cfg.r, d_in), init="kaiming"),
@@ -43,13 +41,9 @@ class MyVariant:
             "lora_gate": ll.ParamSpec((d_out,), init=cfg.gate_init, keep_fp32=True),
         }
 
-    @staticmethod
-    @ll.hookimpl
     def init(layer, cfg):
         layer.lora_scaling = cfg.alpha / cfg.r
 
-    @staticmethod
-    @ll.hookimpl
     def forward(layer, x, y):
         delta = ll.low_rank_update(x, layer.lora_A, layer.lora_B, layer.lora_scaling)
         return y + delta * layer.lora_gate.to(x.dtype)

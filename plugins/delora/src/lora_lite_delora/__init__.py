@@ -41,8 +41,6 @@ class DeLoRA:
     name = "delora"
     config_class = DeLoRAConfig
 
-    @staticmethod
-    @ll.hookimpl
     def param_specs(d_in, d_out, cfg):
         return {
             "lora_A": ll.ParamSpec((cfg.r, d_in), init="kaiming"),
@@ -51,16 +49,12 @@ class DeLoRA:
             "lora_w_norm": ll.ParamSpec((d_in,), init="empty", trainable=False),
         }
 
-    @staticmethod
-    @ll.hookimpl
     def init(layer, cfg):
         with torch.no_grad():
             w = ll.dense_weight(layer).detach().to(torch.float32)
             layer.lora_w_norm.copy_(w.norm(dim=0))
         layer.lora_inv_r = 1.0 / cfg.r
 
-    @staticmethod
-    @ll.hookimpl
     def forward(layer, x, y):
         dt = x.dtype
         a, b = layer.lora_A, layer.lora_B

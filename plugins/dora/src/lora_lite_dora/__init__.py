@@ -35,8 +35,6 @@ class DoRA:
         {"use_dora": True},
     )
 
-    @staticmethod
-    @ll.hookimpl
     def param_specs(d_in, d_out, cfg):
         return {
             "lora_A": ll.ParamSpec((cfg.r, d_in), init="kaiming"),
@@ -44,8 +42,6 @@ class DoRA:
             "lora_magnitude": ll.ParamSpec((d_out,), init="empty", keep_fp32=True),
         }
 
-    @staticmethod
-    @ll.hookimpl
     def init(layer, cfg):
         layer.lora_scaling = cfg.alpha / cfg.r
         with torch.no_grad():
@@ -53,8 +49,6 @@ class DoRA:
         # resolve the layer kind's reader once, not per forward
         layer.lora_read_weight = ll.layer_kind(layer).read
 
-    @staticmethod
-    @ll.hookimpl
     def forward(layer, x, y):
         dt = x.dtype
         a, b, s = layer.lora_A.to(dt), layer.lora_B.to(dt), layer.lora_scaling

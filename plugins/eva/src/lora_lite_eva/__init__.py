@@ -152,8 +152,6 @@ class EVA:
     name = "eva"
     config_class = EVAConfig
 
-    @staticmethod
-    @ll.hookimpl
     def param_specs(d_in, d_out, cfg):
         if cfg.r > d_in:
             raise ll.ConfigError(f"eva r={cfg.r} exceeds a target's d_in={d_in}; lower r or narrow the targets.")
@@ -162,20 +160,14 @@ class EVA:
             "lora_B": ll.ParamSpec((d_out, cfg.r), init="zeros"),
         }
 
-    @staticmethod
-    @ll.hookimpl
     def init(layer, cfg):
         layer.lora_scaling = cfg.alpha / cfg.r
 
-    @staticmethod
-    @ll.hookimpl
     def group_init(model, targets, cfg, calibration_data):
         comps = principal_components(model, targets, cfg, calibration_data)
         with torch.no_grad():
             for t in targets:
                 t.layer.lora_A.copy_(comps[t.name])
 
-    @staticmethod
-    @ll.hookimpl
     def forward(layer, x, y):
         return ll.low_rank_update(x, layer.lora_A, layer.lora_B, layer.lora_scaling, y)

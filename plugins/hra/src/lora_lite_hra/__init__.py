@@ -56,8 +56,6 @@ def householder_wy(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class HRA:
     name = "hra"
 
-    @staticmethod
-    @ll.hookimpl
     def param_specs(d_in, d_out, cfg):
         if cfg.r % 2:
             raise ll.ConfigError(
@@ -66,8 +64,6 @@ class HRA:
             )
         return {"lora_U": ll.ParamSpec((d_in, cfg.r), init=_paired_kaiming, keep_fp32=True)}
 
-    @staticmethod
-    @ll.hookimpl
     def forward_input(layer, x):
         # the r x r solve is done in (at least) fp32, then only the small factors are cast
         u = layer.lora_U.to(torch.promote_types(x.dtype, torch.float32))

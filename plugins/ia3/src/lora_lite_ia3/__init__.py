@@ -32,13 +32,9 @@ import lora_lite as ll
 class IA3:
     name = "ia3"
 
-    @staticmethod
-    @ll.hookimpl
     def param_specs(d_in, d_out, cfg):
         return {"lora_l": ll.ParamSpec((d_out,), init="ones", keep_fp32=True)}
 
-    @staticmethod
-    @ll.hookimpl
     def forward(layer, x, y):
         return y * layer.lora_l.to(y.dtype)
 
@@ -46,12 +42,8 @@ class IA3:
 class IA3FF:
     name = "ia3_ff"
 
-    @staticmethod
-    @ll.hookimpl
     def param_specs(d_in, d_out, cfg):
         return {"lora_l": ll.ParamSpec((d_in,), init="ones", keep_fp32=True)}
 
-    @staticmethod
-    @ll.hookimpl
     def forward_input(layer, x):
         return x * layer.lora_l.to(x.dtype)

@@ -99,8 +99,6 @@ class OFT:
     name = "oft"
     config_class = OFTConfig
 
-    @staticmethod
-    @ll.hookimpl
     def param_specs(d_in, d_out, cfg):
         want = cfg.oft_block_size or cfg.r
         got = nearest_divisor(d_in, want)
@@ -116,8 +114,6 @@ class OFT:
             )
         return {"lora_R": ll.ParamSpec((n_blocks, b * (b - 1) // 2), init="zeros")}
 
-    @staticmethod
-    @ll.hookimpl
     def init(layer, cfg):
         n_blocks, n_elements = layer.lora_R.shape
         b = (1 + math.isqrt(1 + 8 * n_elements)) // 2  # n_elements = b (b - 1) / 2
@@ -126,8 +122,6 @@ class OFT:
         layer.lora_neumann = cfg.num_cayley_neumann_terms if cfg.use_cayley_neumann else None
         layer.lora_coft_radius = cfg.eps / n_blocks**0.5 if cfg.coft else None
 
-    @staticmethod
-    @ll.hookimpl
     def forward_input(layer, x):
         vec = layer.lora_R
         if layer.lora_coft_radius is not None:

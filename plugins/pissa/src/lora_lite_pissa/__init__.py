@@ -80,8 +80,6 @@ class PiSSA:
     config_class = PiSSAConfig
     peft = ll.PeftFormat({"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}, convert=_as_lora_delta)
 
-    @staticmethod
-    @ll.hookimpl
     def param_specs(d_in, d_out, cfg):
         if cfg.r > min(d_in, d_out):
             raise ll.ConfigError(
@@ -93,8 +91,6 @@ class PiSSA:
             "lora_B": ll.ParamSpec((d_out, cfg.r), init="empty"),
         }
 
-    @staticmethod
-    @ll.hookimpl
     def init(layer, cfg):
         requantize = ll.is_quantized(layer)
         if requantize and cfg.quantized != "requantize":
@@ -136,7 +132,5 @@ class PiSSA:
                 stacklevel=2,
             )
 
-    @staticmethod
-    @ll.hookimpl
     def forward(layer, x, y):
         return ll.low_rank_update(x, layer.lora_A, layer.lora_B, layer.lora_scaling, y)

@@ -66,8 +66,6 @@ class RoAd:
     name = "road"
     config_class = RoAdConfig
 
-    @staticmethod
-    @ll.hookimpl
     def param_specs(d_in, d_out, cfg):
         if d_out % cfg.group_size:
             raise ll.ConfigError(
@@ -80,8 +78,6 @@ class RoAd:
             "lora_alpha": ll.ParamSpec((size,), init="ones", keep_fp32=True),
         }
 
-    @staticmethod
-    @ll.hookimpl
     def forward(layer, x, y):
         g = layer.lora_cfg.group_size
         c1, c2 = _columns(layer, g, y.dtype)

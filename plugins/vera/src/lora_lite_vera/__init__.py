@@ -57,8 +57,6 @@ class VeRA:
     name = "vera"
     config_class = VeRAConfig
 
-    @staticmethod
-    @ll.hookimpl
     def param_specs(d_in, d_out, cfg):
         shared = {"init": "empty", "trainable": False, "persistent": cfg.save_projection}
         return {
@@ -69,8 +67,6 @@ class VeRA:
             "lora_vera_B": ll.ParamSpec((0,), **shared),
         }
 
-    @staticmethod
-    @ll.hookimpl
     def init(layer, cfg, targets):
         first = targets[0].layer
         if layer is first:
@@ -78,8 +74,6 @@ class VeRA:
         # the same Parameter object on every layer: one copy in memory, kept shared by model.to()
         layer.lora_vera_A, layer.lora_vera_B = first.lora_vera_A, first.lora_vera_B
 
-    @staticmethod
-    @ll.hookimpl
     def forward(layer, x, y):
         dt = x.dtype
         # the shared pair lives on the first target's device; a model split over devices
