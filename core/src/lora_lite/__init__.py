@@ -36,7 +36,7 @@ from .hookspecs import hookimpl, hookspec
 from .params import ParamSpec
 from .integrations.peft import PeftFormat, export_peft, import_peft
 from .plugins import broken_plugins, get_variant, list_variants, register, reload_plugins, unregister
-from .runtime import Attachment, attach, attachments, detach, regularization_loss, step
+from .runtime import Attachment, adapter_batch, attach, attachments, detach, regularization_loss, set_active, step
 from .targeting import Target, find_targets
 from .weights import (
     LayerKind,
@@ -61,10 +61,10 @@ __all__ = [
     "CheckpointFormatError", "CheckpointMismatchError", "ConfigError", "ForwardError", "LayerKind",
     "LoraLiteConfig", "LoraLiteError", "MergeError", "MissingDependencyError", "ModelLoadError",
     "NotAttachedError", "ParamSpec", "PeftFormat", "PeftInteropError", "PluginError", "ROLES", "Target", "TargetingError",
-    "UnknownVariantError", "WeightAccessError", "attach", "attachments", "broken_plugins", "dense_weight",
+    "UnknownVariantError", "WeightAccessError", "adapter_batch", "attach", "attachments", "broken_plugins", "dense_weight",
     "detach", "export_peft", "find_targets", "get_variant", "hookimpl", "hookspec", "import_peft",
     "is_quantized", "kind_name", "layer_kind", "layer_kinds", "list_variants", "load", "low_rank_update",
     "merge", "merge_and_unload", "original_weight", "read_checkpoint", "register", "register_layer_kind",
-    "regularization_loss", "reload_plugins", "replace_dense_weight", "save", "step", "unmerge", "unregister",
+    "regularization_loss", "reload_plugins", "replace_dense_weight", "save", "set_active", "step", "unmerge", "unregister",
     "unregister_layer_kind", "__version__",
 ]

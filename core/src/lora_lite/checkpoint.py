@@ -23,8 +23,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import LoraLiteConfig
-from .errors import CheckpointError, CheckpointFormatError, CheckpointMismatchError, LoraLiteError, add_context
-from .runtime import Attachment, _state, attach_for_load
+from .errors import (
+    CheckpointError,
+    CheckpointFormatError,
+    CheckpointMismatchError,
+    LoraLiteError,
+    NotAttachedError,
+    add_context,
+)
+from .runtime import DEFAULT_NAME, Attachment, _state, attach_for_load, attachments
 
 FORMAT = "lora-lite"
 FORMAT_VERSION = 1
@@ -63,14 +70,23 @@ def _write_once(sharded: bool, write: Callable[[], Any]) -> None:
         torch.distributed.barrier()
 
 
-def save(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write every live adapter on ``model`` to ``path`` (safetensors, any extension), atomically.
+def save(model: nn.Module, path: str | os.PathLike, names: list[str] | None = None) -> Path:
+    """Write every live adapter on ``model`` (or only the attachments called ``names``) to
+    ``path`` (safetensors, any extension), atomically.
 
     On a model sharded with FSDP2 (``fully_shard``) the adapter tensors are DTensors:
     ``save`` gathers them, so every rank must call it (with the same path); rank 0
     writes the file and all ranks return once it is written.
     """
     atts = _state(model).attachments
+    if names is not None:
+        names = [names] if isinstance(names, str) else list(names)
+        unknown = sorted(set(names) - {a.name for a in atts})
+        if unknown or not names:
+            raise NotAttachedError(
+                f"save(names={names}): no attachment named {unknown or 'at all'}; attachments: {[a.name for a in atts]}."
+            )
+        atts = [a for a in atts if a.name in names]
     tensors: dict[str, torch.Tensor] = {}
     storages: set[int] = set()
     records = []
@@ -86,6 +102,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
             tensors[k] = t.clone() if ptr in storages else t
             storages.add(ptr)
         records.append({
+            "name": att.name,
             "variant": att.variant.name,
             "config": att.cfg.to_dict(),
             "plugin_distribution": att.variant.distribution,
@@ -188,22 +205,65 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[list[dict[str, Any]], dict
     return records, tensors
 
 
-def load(model: nn.Module, path: str | os.PathLike) -> list[Attachment]:
-    """Attach and fill the adapters saved in ``path``; exact, or an error and an untouched model."""
+def _config(rec: dict[str, Any], path) -> LoraLiteConfig:
+    try:
+        return LoraLiteConfig.from_dict(rec["config"])
+    except LoraLiteError as err:  # unknown variant, or a knob this plugin version lacks
+        raise add_context(err, f"{path} was written with {rec.get('plugin_distribution')} "
+                               f"{rec.get('plugin_version')} (install that version if yours differs)")
+
+
+def _file_keys(att: Attachment, rec: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """``{key in the file: the attachment's tensor}``. A key is ``<target>[.lora_<slot>].<tensor>``;
+    the slot part depends on what else sat on the layer when it was saved, so keys are
+    matched on (target, tensor name) within the attachment's record."""
+    mine = {}
+    for key, param in att.adapter_tensors(persistent_only=True).items():
+        target, pname = _split_key(key, att.target_names)
+        mine[(target, pname)] = param
+    out = {}
+    for key in rec["keys"]:
+        param = mine.pop(_split_key(key, rec["targets"]), None)
+        if param is not None:
+            out[key] = param
+    for (target, pname), param in mine.items():  # not in the record: reported missing under the model's key
+        out[f"{target}.{pname}"] = param
+    return out
+
+
+def _split_key(key: str, targets: list[str]) -> tuple[str, str]:
+    stem, _, pname = key.rpartition(".")
+    target = max((t for t in targets if stem == t or stem.startswith(t + ".")), key=len, default=stem)
+    return target, pname
+
+
+def load(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> list[Attachment]:
+    """Attach and fill the adapters saved in ``path``; exact, or an error and an untouched model.
+
+    ``name``: attach the file's one adapter under this name. If the model already has an
+    attachment of that name with the same config, its tensors are replaced in place
+    (hot-swap: no new tensors, no new hooks, so a ``torch.compile``d model does not recompile).
+    """
     records, tensors = read_checkpoint(path)
+    if name is not None:
+        if len(records) != 1:
+            raise CheckpointMismatchError(
+                f"{path} holds {len(records)} adapters ({[r.get('name') for r in records]}); load(name=...) takes a "
+                "file with one. Load it without name=, or save one attachment per file (save(names=[...]))."
+            )
+        existing = [a for a in attachments(model) if a.name == name]
+        if existing:
+            return [_hot_swap(existing[0], records[0], tensors, path)]
     done: list[Attachment] = []
     try:
         for rec in records:
-            try:
-                cfg = LoraLiteConfig.from_dict(rec["config"])
-            except LoraLiteError as err:  # unknown variant, or a knob this plugin version lacks
-                add_context(err, f"{path} was written with {rec.get('plugin_distribution')} "
-                                 f"{rec.get('plugin_version')} (install that version if yours differs)")
-                raise
-            att = attach_for_load(model, cfg)
+            saved_name = rec.get("name")
+            # a default name taken here is re-chosen (as an unnamed attach would); a chosen one is kept
+            auto = saved_name is None or saved_name == DEFAULT_NAME or saved_name.startswith(DEFAULT_NAME + "_")
+            att = attach_for_load(model, _config(rec, path), name if name is not None else None if auto else saved_name)
             done.append(att)
             _check_targets(att, rec, path)
-        expected = {k: v for att in done for k, v in att.adapter_tensors(persistent_only=True).items()}
+        expected = {k: v for att, rec in zip(done, records) for k, v in _file_keys(att, rec).items()}
         _check_tensors(expected, tensors, path)
         with torch.no_grad():
             for key, param in expected.items():
@@ -214,6 +274,24 @@ def load(model: nn.Module, path: str | os.PathLike) -> list[Attachment]:
                 att.detach()
         raise
     return done
+
+
+def _hot_swap(att: Attachment, rec: dict[str, Any], tensors: dict[str, torch.Tensor], path) -> Attachment:
+    """Copy a saved adapter into an existing attachment of the same config, in place."""
+    cfg = _config(rec, path)
+    if type(cfg) is not type(att.cfg) or cfg.to_dict() != att.cfg.to_dict():
+        differ = sorted(k for k, v in cfg.to_dict().items() if att.cfg.to_dict().get(k) != v)
+        raise CheckpointMismatchError(
+            f"{path}: hot-swapping into attachment {att.name!r} needs the same config; these differ: {differ}. "
+            f"Detach it and load the file instead (attachment {att.name!r} would then be rebuilt)."
+        )
+    _check_targets(att, rec, path)
+    expected = _file_keys(att, rec)
+    _check_tensors(expected, tensors, path)
+    with torch.no_grad():
+        for key, param in expected.items():
+            param.copy_(tensors[key])
+    return att
 
 
 def _check_targets(att: Attachment, rec: dict[str, Any], path) -> None:

@@ -45,9 +45,13 @@ def _check_mergeable(atts: list[Attachment], dequantize: bool, requantize: bool)
         )
     if dequantize and requantize:
         raise ConfigError("merge takes dequantize=True or requantize=True, not both.")
+    hosts = [id(h) for a in atts for h in a.hosts]
+    if dequantize and len(hosts) != len(set(hosts)):
+        raise MergeError("dequantize=True swaps each quantized layer for a dense one, which stacked attachments "
+                         "cannot share; merge with one attachment per layer active (lora_lite.set_active).")
     for att in atts:
         for t in att.targets:
-            kind = layer_kind(t.layer)
+            kind = layer_kind(t.layer)  # the host's kind (a slot reads through to it)
             if kind is None or (kind.write is None and not (kind.quantized and dequantize)):
                 raise MergeError(
                     f"{t.name} ({type(t.layer).__name__}) has a storage lora-lite cannot write a merged weight into; "
@@ -110,31 +114,32 @@ def merge(model: nn.Module, *, dequantize: bool = False, requantize: bool = Fals
     state = _state(model)
     if state.merged:
         raise MergeError("the model's adapters are already merged; lora_lite.unmerge(model) first to merge again.")
-    _check_mergeable(state.attachments, dequantize, requantize)
-    for att in state.attachments:
+    active = [a for a in state.attachments if a.active]
+    _check_mergeable(active, dequantize, requantize)
+    for att in active:
         att.fingerprint  # noqa: B018  (taken now, from the weights as they were: save while merged stays valid)
     errors: dict[str, float] = {}
     done: list[nn.Module] = []
     try:
-        for att in state.attachments:
-            for t in att.targets:
+        for att in active:  # in attach order: a stacked attachment merges onto the ones below it
+            for t, host in zip(att.targets, att.hosts):
                 weight, bias = _merged(att, t.layer, t.name)
-                kind = layer_kind(t.layer)
+                kind = layer_kind(host)
                 undos = t.layer.__dict__.setdefault(_MERGE_UNDO, [])
                 done.append(t.layer)
                 if kind.quantized and dequantize:
-                    undos.append(_dense_replacement(model, t.name, t.layer, weight, bias))
+                    undos.append(_dense_replacement(model, t.name, host, weight, bias))
                     continue
-                undos.append(kind.write(t.layer, weight))
+                undos.append(kind.write(host, weight))
                 if kind.quantized:
-                    stored = dense_weight(t.layer).float()
+                    stored = dense_weight(host).float()
                     errors[t.name] = float((stored - weight).abs().max() / weight.abs().max().clamp_min(1e-30))
                 if bias is not None:
-                    undos.append(_swap_bias(t.layer, bias))
+                    undos.append(_swap_bias(host, bias))
     except BaseException:
         _run_undos(done)
         raise
-    for att in state.attachments:
+    for att in active:
         _remove_hooks(att)
     state.merged = True
     if errors:
@@ -158,7 +163,8 @@ def unmerge(model: nn.Module) -> None:
         raise MergeError("the model's adapters are not merged; there is nothing to unmerge.")
     _run_undos([t.layer for att in state.attachments for t in att.targets])
     for att in state.attachments:
-        _register_hooks(att)
+        if att.active:
+            _register_hooks(att)
     state.merged = False
 
 

@@ -64,6 +64,9 @@ class VariantInfo:
     :param size_knob: the integer config field that sets the adapter's size (``r`` for
         most), for budget-matched comparisons.
     :param lrs: learning rates a comparison sweeps by default.
+    :param additive: the variant only adds ``delta(x)`` to the base output (a ``forward``
+        hook ``y + delta(x)``, no input transform, no rewritten weight): rows of a batch
+        may then use different attachments (``lora_lite.adapter_batch``).
     """
 
     name: str
@@ -77,6 +80,7 @@ class VariantInfo:
     peft: Any = None
     size_knob: str = "r"
     lrs: tuple[float, ...] = DEFAULT_LRS
+    additive: bool = False
 
     def hook(self, name: str) -> Callable[..., Any] | None:
         return self.hooks.get(name)
@@ -213,8 +217,11 @@ def _metadata(plugin: Any, name: str, config_class: type[LoraLiteConfig]) -> dic
         isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and math.isfinite(v) for v in lrs
     ):
         raise PluginError(f"variant {name!r}: lrs must be a non-empty tuple of positive learning rates, got {lrs!r}.")
+    additive = getattr(plugin, "additive", False)
+    if not isinstance(additive, bool):
+        raise PluginError(f"variant {name!r}: additive must be True or False, got {additive!r}.")
     return {"layer_kinds": kinds, "peft": getattr(plugin, "peft", None), "size_knob": size_knob,
-            "lrs": tuple(float(v) for v in lrs)}
+            "lrs": tuple(float(v) for v in lrs), "additive": additive}
 
 
 def _hooks(plugin: Any, name: str) -> dict[str, Callable[..., Any]]:

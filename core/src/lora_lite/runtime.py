@@ -8,7 +8,9 @@ on attention plus IA3-FF on the MLP, say). The model keeps its bookkeeping in
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import dataclasses
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,10 +35,17 @@ from .errors import (
 from .params import ParamSpec
 from .plugins import VariantInfo, get_variant
 from .targeting import Target, find_targets
-from .weights import base_fingerprint, kind_name, restore_dense_weight
+from .weights import _HOST_ATTR, _UNDO_ATTR, base_fingerprint, kind_name, restore_dense_weight
 
 _STATE_ATTR = "_lora_lite"
 _OWNED_PREFIXES = ("lora_", "_lora_lite")
+
+DEFAULT_NAME = "default"
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _slot_name(name: str) -> str:
+    return f"lora_{name}"
 
 
 @dataclass
@@ -48,8 +57,13 @@ class Attachment:
     variant: VariantInfo
     targets: list[Target]
     specs: dict[str, dict[str, ParamSpec]]
+    name: str = DEFAULT_NAME
     hook_handles: list[Any] = field(default_factory=list)
     live: bool = True
+    active: bool = True
+    # the layers the hooks sit on; ``targets[i].layer`` is where this attachment's tensors
+    # live: the layer itself, or an adapter slot on it when another attachment got there first
+    hosts: list[nn.Module] = field(default_factory=list)
     _fingerprint: dict[str, list[float]] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -76,12 +90,13 @@ class Attachment:
         return [t.name for t in self.targets]
 
     def adapter_tensors(self, persistent_only: bool = False) -> dict[str, torch.Tensor]:
-        """``{full.path.lora_x: tensor}`` for this attachment."""
+        """``{full.path.lora_x: tensor}`` for this attachment (its ``model.state_dict()`` keys)."""
         out = {}
-        for t in self.targets:
+        for t, host in zip(self.targets, self.hosts):
+            prefix = t.name if t.layer is host else f"{t.name}.{_slot_name(self.name)}"
             for pname, spec in self.specs[t.name].items():
                 if spec.persistent or not persistent_only:
-                    out[f"{t.name}.{pname}"] = getattr(t.layer, pname)
+                    out[f"{prefix}.{pname}"] = getattr(t.layer, pname)
         return out
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -94,6 +109,7 @@ class Attachment:
                 "this attachment was already detached; lora_lite.attachments(model) lists the live ones."
             )
         state = _state(self.model)
+        _check_detach_order(self, state)
         if state.merged:  # put the weights back as they were before merge, then remove this one
             from .merging import unmerge
 
@@ -105,7 +121,35 @@ class Attachment:
             del self.model.__dict__[_STATE_ATTR]
 
     def __repr__(self) -> str:
-        return f"Attachment(variant={self.cfg.variant!r}, targets={len(self.targets)}, live={self.live})"
+        return (f"Attachment(name={self.name!r}, variant={self.cfg.variant!r}, targets={len(self.targets)}, "
+                f"active={self.active}, live={self.live})")
+
+
+class AdapterSlot(nn.Module):
+    """Holds the tensors of an attachment stacked on a layer that already carries one.
+
+    A child module of that layer (``q_proj.lora_<name>.lora_A`` in ``state_dict``), handed
+    to the variant's hooks in place of the layer: its own ``lora_*`` tensors are found
+    first, anything else (``weight``, ``bias``, ``in_features``) is read from the layer, and
+    ``lora_lite.dense_weight`` and friends act on the layer's storage. So a variant written
+    for one adapter per layer stacks unchanged, and the first attachment on a layer keeps
+    its tensors (and keys) on the layer itself, as without stacking.
+    """
+
+    def __init__(self, host: nn.Module) -> None:
+        super().__init__()
+        self.__dict__[_HOST_ATTR] = host  # a plain reference: not a submodule (no cycle)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith(_OWNED_PREFIXES):  # the host's adapter tensors are another attachment's
+                raise
+            return getattr(self.__dict__[_HOST_ATTR], name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - never called
+        raise ForwardError("an adapter slot holds tensors; it is not a layer to call.")
 
 
 @dataclass
@@ -113,6 +157,22 @@ class _ModelState:
     attachments: list[Attachment]
     requires_grad: dict[str, bool]
     merged: bool = False  # see merging.py
+
+
+def _check_detach_order(att: Attachment, state: _ModelState) -> None:
+    """An attachment whose init rewrote a layer's weight cannot go while a later one sits on
+    that layer: the later one was initialised on the rewritten weight (and may have rewritten
+    it again), so no order-free undo restores "the model with only the others attached"."""
+    later = state.attachments[state.attachments.index(att) + 1:]
+    for t, host in zip(att.targets, att.hosts):
+        if _UNDO_ATTR not in t.layer.__dict__:
+            continue
+        above = [a.name for a in later if any(h is host for h in a.hosts)]
+        if above:
+            raise AttachError(
+                f"attachment {att.name!r} rewrote the weight of {t.name}, and {above} were attached on top of it "
+                f"(initialised on the rewritten weight): detach {above} first, then {att.name!r}."
+            )
 
 
 def _state(model: nn.Module) -> _ModelState:
@@ -152,20 +212,32 @@ def _bad_call(name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
 
 # The hooks take kwargs so that a call the adapter cannot represent (no tensor, extra
 # arguments) fails loudly instead of being half-adapted; the check is three cheap tests.
-def _make_post_hook(fwd, name: str):
-    def hook(module, args, kwargs, output):
-        if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
-            _bad_call(name, module, args, kwargs)
-        return fwd(module, args[0], output)
+def _make_post_hook(fwd, name: str, holder: nn.Module | None = None):
+    if holder is None:  # the tensors live on the layer: the common case, one closure lookup less
+        def hook(module, args, kwargs, output):
+            if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+                _bad_call(name, module, args, kwargs)
+            return fwd(module, args[0], output)
+    else:
+        def hook(module, args, kwargs, output):
+            if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+                _bad_call(name, module, args, kwargs)
+            return fwd(holder, args[0], output)
 
     return hook
 
 
-def _make_pre_hook(fwd_in, name: str):
-    def hook(module, args, kwargs):
-        if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
-            _bad_call(name, module, args, kwargs)
-        return (fwd_in(module, args[0]),), kwargs
+def _make_pre_hook(fwd_in, name: str, holder: nn.Module | None = None):
+    if holder is None:
+        def hook(module, args, kwargs):
+            if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+                _bad_call(name, module, args, kwargs)
+            return (fwd_in(module, args[0]),), kwargs
+    else:
+        def hook(module, args, kwargs):
+            if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+                _bad_call(name, module, args, kwargs)
+            return (fwd_in(holder, args[0]),), kwargs
 
     return hook
 
@@ -236,7 +308,8 @@ def _checked_calibration(data: Any) -> Any:
     return _CheckedBatches(data)
 
 
-def _collect_specs(variant: VariantInfo, targets: list[Target], cfg: LoraLiteConfig) -> dict[str, dict[str, ParamSpec]]:
+def _collect_specs(variant: VariantInfo, targets: list[Target], cfg: LoraLiteConfig,
+                   carried: set[int] = frozenset()) -> dict[str, dict[str, ParamSpec]]:
     param_specs = variant.hook("param_specs")
     specs = {}
     for t in targets:
@@ -252,7 +325,7 @@ def _collect_specs(variant: VariantInfo, targets: list[Target], cfg: LoraLiteCon
         for pname in got:
             if not pname.startswith("lora_") or not pname.isidentifier():
                 raise PluginError(f"{where}: adapter tensor name {pname!r} must start with 'lora_'.")
-            if hasattr(t.layer, pname):
+            if id(t.layer) not in carried and hasattr(t.layer, pname):  # a slot starts empty
                 raise AlreadyAttachedError(f"{t.name} already has an attribute {pname!r}; detach the previous adapter first.")
         specs[t.name] = got
     return specs
@@ -270,9 +343,45 @@ class _Plan:
     params: list[tuple[str, nn.Parameter]]
     existing: _ModelState | None
     calibration_data: Any
+    name: str
 
 
-def _plan(model: nn.Module, cfg: LoraLiteConfig, calibration_data: Any) -> _Plan:
+def _carried(existing: _ModelState | None) -> set[int]:
+    return {id(h) for a in (existing.attachments if existing else []) for h in a.hosts}
+
+
+def _choose_name(existing: _ModelState | None, targets: list[Target], name: str | None) -> str:
+    """The attachment's name: ``name`` if free and valid; if omitted, ``"default"`` (or
+    ``"default_2"``, ...) for targets no other attachment is on. Stacking onto layers that
+    already carry an adapter takes an explicit name, so a repeated attach is an error,
+    not a silent second adapter."""
+    taken = [a.name for a in existing.attachments] if existing else []
+    if name is None:
+        carried = _carried(existing)
+        clash = [t.name for t in targets if id(t.layer) in carried]
+        if clash:
+            raise AlreadyAttachedError(
+                f"{len(clash)} target(s) already carry an adapter (first: {clash[0]}). To stack another adapter on "
+                "them, name it: lora_lite.attach(model, cfg, name='...'); to replace it, lora_lite.detach(model) "
+                "first; or narrow target_names/target_roles/layers so the attachments are disjoint."
+            )
+        return next(n for n in (DEFAULT_NAME, *(f"{DEFAULT_NAME}_{i}" for i in range(2, len(taken) + 3)))
+                    if n not in taken)
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigError(f"attachment name {name!r} must be an identifier (letters, digits, _; not starting with a digit).")
+    if name in taken:
+        raise AlreadyAttachedError(
+            f"the model already has an attachment named {name!r} (attachments: {taken}); pick another name, or "
+            f"detach it first (lora_lite.attachments(model) lists them)."
+        )
+    slot = _slot_name(name)
+    clash = [t.name for t in targets if slot in t.layer._modules or hasattr(t.layer, slot)]
+    if clash:
+        raise AlreadyAttachedError(f"{clash[0]} already has an attribute {slot!r}; pick another attachment name.")
+    return name
+
+
+def _plan(model: nn.Module, cfg: LoraLiteConfig, calibration_data: Any, name: str | None = None) -> _Plan:
     """Stage 1: every check that needs no change to the model."""
     if not isinstance(cfg, LoraLiteConfig):
         raise ConfigError(
@@ -296,13 +405,7 @@ def _plan(model: nn.Module, cfg: LoraLiteConfig, calibration_data: Any) -> _Plan
             "the model's adapters are merged into its weights; call lora_lite.unmerge(model) before attaching "
             "or loading another adapter (or lora_lite.merge_and_unload(model) to make the merge permanent)."
         )
-    taken = {id(t.layer): t.name for a in (existing.attachments if existing else []) for t in a.targets}
-    clash = [t.name for t in targets if id(t.layer) in taken]
-    if clash:
-        raise AlreadyAttachedError(
-            f"{len(clash)} target(s) already carry an adapter (first: {clash[0]}). Call lora_lite.detach(model) "
-            "first, or narrow target_names/target_roles/layers so the attachments are disjoint."
-        )
+    name = _choose_name(existing, targets, name)
     meta = [t.name for t in targets if t.layer.weight.device.type == "meta"]
     if meta:
         raise AttachError(
@@ -319,8 +422,9 @@ def _plan(model: nn.Module, cfg: LoraLiteConfig, calibration_data: Any) -> _Plan
                 "drop calibration_data, or pick a data-calibrated variant."
             )
         calibration_data = _checked_calibration(calibration_data)
-    specs = _collect_specs(variant, targets, cfg)
-    return _Plan(model, cfg, variant, targets, specs, params, existing, calibration_data)
+    carried = _carried(existing)
+    specs = _collect_specs(variant, targets, cfg, carried)
+    return _Plan(model, cfg, variant, targets, specs, params, existing, calibration_data, name)
 
 
 def _check_layer_kinds(variant: VariantInfo, targets: list[Target]) -> None:
@@ -380,13 +484,14 @@ def _check_forward(att: Attachment) -> None:
 def _register_hooks(att: Attachment) -> None:
     """The forward pre-/post-hooks that make the attachment act (at attach, and at unmerge)."""
     fwd, fwd_in = att.variant.hook("forward"), att.variant.hook("forward_input")
-    for t in att.targets:
+    for t, host in zip(att.targets, att.hosts):
+        holder = None if t.layer is host else t.layer
         if fwd_in is not None:
-            pre = _make_pre_hook(fwd_in, t.name)
-            att.hook_handles.append(t.layer.register_forward_pre_hook(pre, with_kwargs=True))
+            pre = _make_pre_hook(fwd_in, t.name, holder)
+            att.hook_handles.append(host.register_forward_pre_hook(pre, with_kwargs=True))
         if fwd is not None:
-            post = _make_post_hook(fwd, t.name)
-            att.hook_handles.append(t.layer.register_forward_hook(post, with_kwargs=True))
+            post = _make_post_hook(fwd, t.name, holder)
+            att.hook_handles.append(host.register_forward_hook(post, with_kwargs=True))
 
 
 def _remove_hooks(att: Attachment) -> None:
@@ -399,14 +504,21 @@ def _build(plan: _Plan, *, calibrate: bool) -> Attachment:
     """Stages 2-5 (create tensors + init, calibrate, check forward, register hooks), all or
     nothing: any failure rolls the model back exactly and raises a typed error naming the
     variant, the stage and the layer."""
-    model, cfg, variant, targets, existing = plan.model, plan.cfg, plan.variant, plan.targets, plan.existing
-    att = Attachment(model, cfg, variant, targets, plan.specs)
+    model, cfg, variant, existing = plan.model, plan.cfg, plan.variant, plan.existing
+    carried = _carried(existing)
+    hosts = [t.layer for t in plan.targets]
+    # the variant sees its own holder as the layer: the layer itself, or a fresh slot on it
+    targets = [t if id(t.layer) not in carried else dataclasses.replace(t, layer=AdapterSlot(t.layer))
+               for t in plan.targets]
+    att = Attachment(model, cfg, variant, targets, plan.specs, plan.name, hosts=hosts)
     first = existing is None
     requires_grad = {n: p.requires_grad for n, p in plan.params} if first else existing.requires_grad
     init, group_init = variant.hook("init"), variant.hook("group_init")
     stage = "creating adapter tensors"
     try:
-        for t in targets:
+        for t, host in zip(targets, hosts):
+            if t.layer is not host:
+                host.add_module(_slot_name(plan.name), t.layer)
             device = t.layer.weight.device
             for pname, spec in plan.specs[t.name].items():
                 t.layer.register_parameter(pname, spec.materialize(cfg.dtype, device))
@@ -458,20 +570,25 @@ def _grads_preserved(model: nn.Module):
             p.grad = grad
 
 
-def attach(model: nn.Module, cfg: LoraLiteConfig, calibration_data: Iterable[Any] | None = None) -> Attachment:
+def attach(
+    model: nn.Module, cfg: LoraLiteConfig, calibration_data: Iterable[Any] | None = None, *, name: str | None = None,
+) -> Attachment:
     """Attach ``cfg``'s variant to the targets ``cfg`` selects; return the :class:`Attachment`.
 
+    ``name`` identifies the attachment (``set_active``, ``save(names=...)``, ``load(name=...)``);
+    omitted, it is ``"default"`` (``"default_2"``, ... when taken). Several attachments may
+    sit on one layer (stacking, applied in attach order) when the later ones are named.
     Everything that can be checked is checked before the model is touched; if creating
     tensors, ``init``, ``group_init`` or the check of the forward hooks fails midway the
     model is rolled back exactly. Afterwards only ``lora_*`` tensors require grad.
     """
-    return _build(_plan(model, cfg, calibration_data), calibrate=True)
+    return _build(_plan(model, cfg, calibration_data, name), calibrate=True)
 
 
-def attach_for_load(model: nn.Module, cfg: LoraLiteConfig) -> Attachment:
+def attach_for_load(model: nn.Module, cfg: LoraLiteConfig, name: str | None = None) -> Attachment:
     """``attach`` as ``load`` needs it: every stage but calibration (the checkpoint holds
     what calibration chose). Internal to lora-lite (checkpoint loading)."""
-    return _build(_plan(model, cfg, None), calibrate=False)
+    return _build(_plan(model, cfg, None, name), calibrate=False)
 
 
 def _refuse_wrapped(model: nn.Module, params: list[tuple[str, nn.Parameter]]) -> None:
@@ -510,10 +627,13 @@ def _undo(att: Attachment, restore_weights: bool = True) -> None:
     """Remove the attachment's hooks, tensors and ``lora_*``/``_lora_lite*`` attributes;
     with ``restore_weights`` also put back any base weight its init replaced."""
     _remove_hooks(att)
-    for t in att.targets:
+    for t, host in zip(att.targets, att.hosts):
         layer = t.layer
         if restore_weights:
             restore_dense_weight(layer)
+        if layer is not host:  # a slot: its tensors and attributes go with it
+            host._modules.pop(_slot_name(att.name), None)
+            continue
         for pname in [n for n in layer._parameters if n.startswith(_OWNED_PREFIXES)]:
             del layer._parameters[pname]
         for bname in [n for n in layer._buffers if n.startswith(_OWNED_PREFIXES)]:
@@ -522,6 +642,94 @@ def _undo(att: Attachment, restore_weights: bool = True) -> None:
         for attr in [n for n in layer.__dict__ if n.startswith(_OWNED_PREFIXES)]:
             del layer.__dict__[attr]
     att.live = False
+
+
+def set_active(model: nn.Module, names: str | Iterable[str]) -> None:
+    """Make exactly the attachments called ``names`` act; the others stay attached (tensors,
+    optimizer state and all) but cost nothing on the forward path: their hooks are removed
+    until they are activated again. Stacked attachments act in attach order."""
+    state = _state(model)
+    wanted = [names] if isinstance(names, str) else list(names)
+    known = [a.name for a in state.attachments]
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise NotAttachedError(f"no attachment named {unknown} on this model; attachments: {known}.")
+    if state.merged:
+        raise MergeError("the model's adapters are merged; lora_lite.unmerge(model) before switching attachments.")
+    for att in state.attachments:
+        _remove_hooks(att)
+    for att in state.attachments:  # in attach order, so stacked hooks keep their order
+        att.active = att.name in wanted
+        if att.active:
+            _register_hooks(att)
+
+
+@contextmanager
+def adapter_batch(model: nn.Module, ids: Sequence[str | None]):
+    """Within the block, example ``i`` of each batch runs with the attachment named ``ids[i]``
+    alone (``None``: the base model), for additive variants (``VariantInfo.additive``).
+
+    Each adapted layer gets one hook that runs every attachment named in ``ids`` on its own
+    rows (gathered with one index per attachment, no loop over examples) and writes them
+    into the base output, so row ``i`` is what that attachment alone computes. The usual
+    hooks are back when the block ends, whatever happened inside.
+    """
+    state = _state(model)
+    ids = list(ids)
+    known = {a.name: a for a in state.attachments}
+    unknown = sorted({i for i in ids if i is not None and i not in known})
+    if not ids or unknown:
+        raise NotAttachedError(
+            f"adapter_batch ids name no attachment {unknown or '(empty ids)'}; attachments: {list(known)} (or None "
+            "for the base model), one entry per example of the batch."
+        )
+    if state.merged:
+        raise MergeError("the model's adapters are merged; lora_lite.unmerge(model) before mixing attachments per row.")
+    used = [a for a in state.attachments if a.name in ids]
+    bad = sorted({a.variant.name for a in used if not a.variant.additive})
+    if bad:
+        raise ConfigError(
+            f"adapter_batch mixes additive variants only (y + delta(x), no input transform or rewritten weight); "
+            f"{bad} are not. Run those attachments one at a time (lora_lite.set_active)."
+        )
+    rows = {a.name: torch.tensor([i for i, n in enumerate(ids) if n == a.name]) for a in used}
+    per_host: dict[int, tuple[nn.Module, str, list]] = {}
+    for att in used:
+        fwd = att.variant.hook("forward")
+        for t, host in zip(att.targets, att.hosts):
+            per_host.setdefault(id(host), (host, t.name, []))[2].append((fwd, t.layer, rows[att.name]))
+    for att in state.attachments:
+        _remove_hooks(att)
+    handles = []
+    try:
+        for host, name, entries in per_host.values():
+            handles.append(host.register_forward_hook(_mixed_hook(name, len(ids), entries), with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for att in state.attachments:
+            if att.active:
+                _register_hooks(att)
+
+
+def _mixed_hook(name: str, n: int, entries: list):
+    def hook(module, args, kwargs, y):
+        if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+            _bad_call(name, module, args, kwargs)
+        x = args[0]
+        if x.shape[0] != n:
+            raise ForwardError(
+                f"{name} got a batch of {x.shape[0]} examples inside lora_lite.adapter_batch with {n} ids; "
+                "pass one id per example."
+            )
+        out = y
+        for fwd, holder, idx in entries:
+            idx = idx.to(x.device)
+            out = out.index_copy(0, idx, fwd(holder, x.index_select(0, idx), y.index_select(0, idx)))
+        return out
+
+    return hook
 
 
 def step(model: nn.Module) -> None:

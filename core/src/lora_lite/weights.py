@@ -70,6 +70,16 @@ class LayerKind:
     fingerprint: Callable[[nn.Module], torch.Tensor] | None = None
 
 
+_HOST_ATTR = "_lora_lite_host"
+
+
+def host_layer(layer: nn.Module) -> nn.Module:
+    """The layer itself, or for an adapter slot (the holder of a second attachment stacked
+    on one layer, see ``runtime.py``) the layer it sits on. Every function here reads and
+    writes the host's storage and keeps its bookkeeping on the module it was given."""
+    return layer.__dict__.get(_HOST_ATTR, layer)
+
+
 def _swap_data(param: torch.Tensor, new: torch.Tensor) -> Undo:
     old = param.data
     param.data = new.to(dtype=old.dtype, device=old.device)
@@ -326,6 +336,7 @@ def layer_kinds() -> tuple[LayerKind, ...]:
 
 def layer_kind(layer: nn.Module) -> LayerKind | None:
     """The registered kind of ``layer``, or ``None``."""
+    layer = host_layer(layer)
     for kind in _KINDS:
         if kind.matches(layer):
             return kind
@@ -340,7 +351,10 @@ def kind_name(layer: nn.Module) -> str:
 
 
 def is_linear_like(layer: nn.Module) -> bool:
-    """Structural test: a registered kind, or ``in_features``/``out_features``/``weight``."""
+    """Structural test: a registered kind, or ``in_features``/``out_features``/``weight``.
+    Adapter slots are never linear-like (they only borrow their host's attributes)."""
+    if _HOST_ATTR in layer.__dict__:
+        return False
     if layer_kind(layer) is not None:
         return True
     return (
@@ -352,6 +366,7 @@ def is_linear_like(layer: nn.Module) -> bool:
 
 def features(layer: nn.Module) -> tuple[int, int]:
     """``(d_in, d_out)`` of a linear-like layer."""
+    layer = host_layer(layer)
     kind = layer_kind(layer)
     if kind is not None:
         return kind.features(layer)
@@ -376,13 +391,13 @@ def _kind_or_raise(layer: nn.Module) -> LayerKind:
 
 def dense_weight(layer: nn.Module) -> torch.Tensor:
     """The layer's weight as real numbers, shape ``(d_out, d_in)``. Do not mutate it."""
-    return _kind_or_raise(layer).read(layer)
+    return _kind_or_raise(layer).read(host_layer(layer))
 
 
 def weight_fingerprint_tensor(layer: nn.Module) -> torch.Tensor:
     """The tensor a checkpoint's base-weight fingerprint is computed from (see ``LayerKind.fingerprint``)."""
     kind = _kind_or_raise(layer)
-    return (kind.fingerprint or kind.read)(layer)
+    return (kind.fingerprint or kind.read)(host_layer(layer))
 
 
 def base_fingerprint(layer: nn.Module) -> list[float]:
@@ -402,7 +417,7 @@ def base_fingerprint(layer: nn.Module) -> list[float]:
         try:
             w = weight_fingerprint_tensor(layer)
         except WeightAccessError:
-            w = layer.weight
+            w = host_layer(layer).weight
     with torch.no_grad():
         w64 = w.detach().to(torch.float64)
         if callable(getattr(w64, "full_tensor", None)):
@@ -437,7 +452,8 @@ def replace_dense_weight(layer: nn.Module, new_weight: torch.Tensor, *, requanti
             f"{type(layer).__name__} ({kind.name}) stores its weight quantized: writing a new weight means "
             "requantizing it, which loses precision. Pass requantize=True if that is what the variant wants."
         )
-    expected = kind.features(layer)[::-1]
+    host = host_layer(layer)
+    expected = kind.features(host)[::-1]
     if tuple(new_weight.shape) != expected:
         raise WeightAccessError(f"new weight has shape {tuple(new_weight.shape)}, the layer needs {expected}.")
     first = _UNDO_ATTR not in layer.__dict__
@@ -446,8 +462,8 @@ def replace_dense_weight(layer: nn.Module, new_weight: torch.Tensor, *, requanti
     fingerprint = base_fingerprint(layer) if first and kind.fingerprint is not None else None
     # the original dense weight, for export: a view that keeps the old storage alive (no
     # copy for plain kinds, whose write swaps in a new tensor), a dequantized copy otherwise
-    original = kind.read(layer).detach() if first else None
-    undo = kind.write(layer, new_weight)
+    original = kind.read(host).detach() if first else None
+    undo = kind.write(host, new_weight)
     if not callable(undo):
         raise WeightAccessError(f"layer kind {kind.name!r}: write must return an undo function, got {undo!r}.")
     if first:

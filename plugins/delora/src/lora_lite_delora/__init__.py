@@ -39,6 +39,7 @@ class DeLoRAConfig(ll.LoraLiteConfig):
 
 class DeLoRA:
     name = "delora"
+    additive = True  # y + delta(x): rows of a batch may use different attachments
     config_class = DeLoRAConfig
 
     def param_specs(d_in, d_out, cfg):

@@ -151,6 +151,7 @@ def principal_components(model, targets, cfg, calibration_data) -> dict[str, tor
 class EVA:
     name = "eva"
     config_class = EVAConfig
+    additive = True  # y + delta(x): rows of a batch may use different attachments
 
     def param_specs(d_in, d_out, cfg):
         if cfg.r > d_in:

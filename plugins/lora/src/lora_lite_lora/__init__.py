@@ -21,6 +21,7 @@ import lora_lite as ll
 
 class LoRA:
     name = "lora"
+    additive = True  # y + delta(x): rows of a batch may use different attachments
     # PEFT's LoRA is this equation term for term: both directions are exact
     peft = ll.PeftFormat({"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}, {"use_dora": False})
 

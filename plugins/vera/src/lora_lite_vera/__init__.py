@@ -55,6 +55,7 @@ def _projections(cfg, targets, device):
 
 class VeRA:
     name = "vera"
+    additive = True  # y + delta(x): rows of a batch may use different attachments
     config_class = VeRAConfig
 
     def param_specs(d_in, d_out, cfg):
