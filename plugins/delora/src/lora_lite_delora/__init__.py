@@ -67,3 +67,9 @@ class DeLoRA:
         # fold the weight norms into A (r x d_in) instead of scaling x (batch x d_in)
         h = F.linear(x, a.to(dt) * layer.lora_w_norm.to(dt))
         return y + F.linear(h, (b.float() * scale).to(dt))
+
+    def merge(layer, weight, bias):
+        # W' = W + (B diag(scale)) (A diag(||w_j||)): the two factors forward applies
+        a, b = layer.lora_A.float(), layer.lora_B.float()
+        scale = layer.lora_lambda * layer.lora_inv_r / (a.norm(dim=1).clamp_min(1e-4) * b.norm(dim=0).clamp_min(1e-4))
+        return weight + (b * scale) @ (a * layer.lora_w_norm.float()), bias

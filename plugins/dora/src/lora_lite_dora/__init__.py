@@ -62,3 +62,8 @@ class DoRA:
         base = y if bias is None else y - bias
         # y + (g - 1)(y - b) + g s B A x: exactly y when g == 1, in any dtype
         return y + (g - 1) * base + g * lora
+
+    def merge(layer, weight, bias):
+        # W' = diag(m / ||V||) V with V = W + s B A (the paper's merged weight); the bias passes through
+        v = torch.addmm(weight, layer.lora_B.float(), layer.lora_A.float(), alpha=layer.lora_scaling)
+        return v * (layer.lora_magnitude.float() / torch.linalg.vector_norm(v, dim=1))[:, None], bias

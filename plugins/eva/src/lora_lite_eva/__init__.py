@@ -172,3 +172,7 @@ class EVA:
 
     def forward(layer, x, y):
         return ll.low_rank_update(x, layer.lora_A, layer.lora_B, layer.lora_scaling, y)
+
+    def merge(layer, weight, bias):
+        # W' = W + s B A, onto the current weight (PiSSA's W_res): exactly what forward adds
+        return torch.addmm(weight, layer.lora_B.float(), layer.lora_A.float(), alpha=layer.lora_scaling), bias

@@ -71,3 +71,8 @@ class HRA:
         # the minus sign sits on the small factor: backward then passes dL/dx' to x unchanged
         # instead of negating an activation-sized gradient
         return x + F.linear(F.linear(x, v.T.to(x.dtype)), vt.neg().to(x.dtype))
+
+    def merge(layer, weight, bias):
+        # the input transform is linear, x' = x F with F = forward_input(I): W' = W F^T
+        eye = torch.eye(weight.shape[1], dtype=weight.dtype, device=weight.device)
+        return weight @ HRA.forward_input(layer, eye).T, bias

@@ -38,6 +38,11 @@ class IA3:
     def forward(layer, x, y):
         return y * layer.lora_l.to(y.dtype)
 
+    def merge(layer, weight, bias):
+        # l * (W x + b) = (diag(l) W) x + l * b: the bias is scaled too
+        l = layer.lora_l.float()
+        return weight * l[:, None], None if bias is None else bias * l
+
 
 class IA3FF:
     name = "ia3_ff"
@@ -47,3 +52,7 @@ class IA3FF:
 
     def forward_input(layer, x):
         return x * layer.lora_l.to(x.dtype)
+
+    def merge(layer, weight, bias):
+        # W (l * x) = (W diag(l)) x; the bias is untouched
+        return weight * layer.lora_l.float()[None, :], bias

@@ -136,3 +136,8 @@ class OFT:
         rot = cayley(upper - upper.transpose(1, 2), layer.lora_neumann).to(x.dtype)
         blocks = x.reshape(-1, n, b).transpose(0, 1)  # (n, tokens, b): one batched matmul over blocks
         return torch.bmm(blocks, rot).transpose(0, 1).reshape(x.shape)
+
+    def merge(layer, weight, bias):
+        # the input transform is linear, x' = x F with F = forward_input(I): W' = W F^T
+        eye = torch.eye(weight.shape[1], dtype=weight.dtype, device=weight.device)
+        return weight @ OFT.forward_input(layer, eye).T, bias

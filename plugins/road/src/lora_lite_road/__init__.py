@@ -90,3 +90,9 @@ class RoAd:
         c2 = torch.cat((-c2[:, :1], c2[:, -1:]), dim=1).expand(shape).reshape(-1)
         swapped = y.unflatten(-1, (-1, 2, g // 2)).flip(-2).flatten(-3)  # (y_(i+g/2), y_i) per pair
         return torch.addcmul(y * c1, swapped, c2)
+
+    def merge(layer, weight, bias):
+        # the output rotation is linear in y, y' = y G with G = forward(I): W' = G^T W, b' = b G
+        eye = torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device)
+        g = RoAd.forward(layer, eye, eye)
+        return g.T @ weight, None if bias is None else bias @ g

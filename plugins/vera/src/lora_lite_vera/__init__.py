@@ -85,3 +85,10 @@ class VeRA:
         # gradients become GEMMs over all tokens (measured 2-20 % slower per training step)
         h = F.linear(x, a) * layer.lora_lambda_d.to(dt)
         return y + F.linear(h, b) * layer.lora_lambda_b.to(dt)
+
+    def merge(layer, weight, bias):
+        # W' = W + diag(lambda_b) B diag(lambda_d) A, on the layer's slices of the shared pair
+        d_out, d_in = weight.shape
+        a = layer.lora_vera_A[:, :d_in].to(weight) * layer.lora_lambda_d.to(weight)[:, None]
+        b = layer.lora_vera_B[:d_out].to(weight) * layer.lora_lambda_b.to(weight)[:, None]
+        return weight + b @ a, bias
