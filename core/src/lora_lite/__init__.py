@@ -31,7 +31,7 @@ from .errors import (
     WeightAccessError,
 )
 from .functional import low_rank_update
-from .merging import merge, merge_and_unload, unmerge
+from .merging import merge, merge_and_unload, save_merged, unmerge
 from .hookspecs import hookimpl, hookspec
 from .params import ParamSpec
 from .integrations.peft import PeftFormat, export_peft, import_peft
@@ -65,6 +65,6 @@ __all__ = [
     "detach", "export_peft", "find_targets", "get_variant", "hookimpl", "hookspec", "import_peft",
     "is_quantized", "kind_name", "layer_kind", "layer_kinds", "list_variants", "load", "low_rank_update",
     "merge", "merge_and_unload", "original_weight", "read_checkpoint", "register", "register_layer_kind",
-    "regularization_loss", "reload_plugins", "replace_dense_weight", "save", "set_active", "step", "unmerge", "unregister",
+    "regularization_loss", "reload_plugins", "replace_dense_weight", "save", "save_merged", "set_active", "step", "unmerge", "unregister",
     "unregister_layer_kind", "__version__",
 ]

@@ -21,10 +21,13 @@ into the layer's own format; the error that introduced is measured and returned)
 
 from __future__ import annotations
 
+import os
 import warnings
+from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from .errors import ConfigError, MergeError
@@ -182,4 +185,54 @@ def merge_and_unload(model: nn.Module, *, dequantize: bool = False, requantize: 
     return model
 
 
-__all__ = ["merge", "merge_and_unload", "unmerge"]
+def save_merged(model: nn.Module, path: str | os.PathLike, *, dequantize: bool = False,
+                requantize: bool = False) -> Path:
+    """Write the model with its adapters merged, for tools that know nothing of lora-lite.
+
+    A transformers model (one with ``save_pretrained``) becomes a ``save_pretrained``
+    directory that ``AutoModelForCausalLM.from_pretrained`` loads as it is; any other
+    module a safetensors file of its merged ``state_dict``. Either way without a single
+    adapter tensor. The model itself is left as it was (merged or not).
+    """
+    state = _state(model)
+    was_merged = state.merged
+    if not was_merged:
+        merge(model, dequantize=dequantize, requantize=requantize)
+    try:
+        adapter = {id(t) for a in state.attachments for t in a.adapter_tensors().values()}
+        clean = {k: v for k, v in model.state_dict(keep_vars=True).items() if id(v) not in adapter and ".lora_" not in k}
+        clean = {k: v.detach() for k, v in clean.items()}
+        path = Path(path)
+        if callable(getattr(model, "save_pretrained", None)):
+            model.save_pretrained(str(path), state_dict=clean)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in clean.items()}, str(path), metadata={"format": "pt"})
+    finally:
+        if not was_merged:
+            unmerge(model)
+    return path
+
+
+def _cli_merge(args) -> int:
+    from .checkpoint import load
+    from .integrations.hf import load_causal_lm
+
+    model = load_causal_lm(args.model)
+    load(model, args.adapter)
+    out = save_merged(model, args.output, dequantize=args.dequantize)
+    print(f"wrote merged model {out} (loads with transformers alone: AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def add_cli_commands(subparsers) -> None:
+    """``lora-lite merge ADAPTER OUT --model ID_OR_PATH``."""
+    p = subparsers.add_parser("merge", help="merge a lora-lite adapter into its base model and save_pretrained it")
+    p.add_argument("adapter", help="lora-lite .safetensors checkpoint")
+    p.add_argument("output", help="directory to write the merged model into")
+    p.add_argument("--model", required=True, help="base model (transformers hub id or local path) the adapter belongs to")
+    p.add_argument("--dequantize", action="store_true", help="merge quantized (bnb) layers into dense copies")
+    p.set_defaults(func=_cli_merge)
+
+
+__all__ = ["add_cli_commands", "merge", "merge_and_unload", "save_merged", "unmerge"]

@@ -25,6 +25,7 @@ from typing import Any
 from .. import __version__
 from ..errors import LoraLiteError, MissingDependencyError
 from ..integrations.peft import add_cli_commands as add_peft_commands
+from ..merging import add_cli_commands as add_merge_commands
 
 PROBE_EXTRA = "pip install 'lora-lite-core[probe]'"
 
@@ -265,7 +266,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 # -- entry point -------------------------------------------------------------------------
 
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_variants, _add_probe, _add_inspect, add_peft_commands,
+    _add_variants, _add_probe, _add_inspect, add_peft_commands, add_merge_commands,
 )
 
 
