@@ -102,3 +102,54 @@ def test_export_refuses_what_peft_cannot_express(tmp_path):
     with pytest.raises(ll.PeftInteropError, match="2 attachments"):
         ll.export_peft(model, tmp_path / "two")
     assert not any(p.exists() for p in (tmp_path / "none", tmp_path / "delora", tmp_path / "two"))
+
+
+@pytest.mark.parametrize("variant,knobs", [("dora", {}), ("oft", {"r": 0, "oft_block_size": 8}), ("hra", {}),
+                                           ("pissa", {}), ("vera", {})])
+def test_as_lora_export_of_any_mergeable_variant_loads_in_peft_within_its_reported_error(tmp_path, variant, knobs):
+    model = tiny_qwen3()
+    att = ll.attach(model, ll.LoraLiteConfig(**{"variant": variant, "r": 4, "alpha": 8.0, **knobs}))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in att.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.05)
+    batch = token_batch()
+    ours = logits(model, batch)
+    assert (ours - logits(tiny_qwen3(), batch)).abs().max() > 1e-3  # the adapter matters
+    got = ll.export_peft(model, tmp_path / "lora", as_lora=True)
+    assert got.max_rel_error < 1e-5 and got.path == tmp_path / "lora"
+    assert "measured max relative error" in (tmp_path / "lora" / "README.md").read_text()
+    _, theirs = peft_logits(tmp_path / "lora", batch)
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+
+    # a smaller rank: the measured error is returned, and PEFT's logits move by about that much
+    small = ll.export_peft(model, tmp_path / "r1", as_lora=True, rank=1)
+    assert set(small.ranks.values()) == {1}
+    _, approx = peft_logits(tmp_path / "r1", batch)
+    if small.max_rel_error > 1e-3:
+        assert (approx - ours).abs().max() > 1e-6
+    cfg = json.loads((tmp_path / "r1" / "adapter_config.json").read_text())
+    assert cfg["r"] == 1 and cfg["lora_alpha"] == 1 and not cfg["rank_pattern"]
+
+
+def test_as_lora_carries_a_bias_change_in_lora_bias(tmp_path):
+    from lora_lite.testing import ToyTransformer
+
+    torch.manual_seed(0)
+    model = ToyTransformer().eval()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    att = ll.attach(model, ll.LoraLiteConfig(variant="ia3", target_names=(r"q_proj$", r"k_proj$")))
+    with torch.no_grad():
+        for p in att.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    x = torch.randn(2, 5, 32)
+    ours = model(x).detach()
+    got = ll.export_peft(model, tmp_path / "ia3", as_lora=True)
+    cfg = json.loads((tmp_path / "ia3" / "adapter_config.json").read_text())
+    assert cfg["lora_bias"] is True and got.max_rel_error < 1e-5
+    assert set(got.ranks.values()) == {32, 16} and list(cfg["rank_pattern"].values()) == [16] * 2  # k_proj: 16 outputs
+    fresh = ToyTransformer()
+    fresh.load_state_dict(base)
+    pm = peft.PeftModel.from_pretrained(fresh.eval(), str(tmp_path / "ia3")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pm(x), ours, atol=1e-4, rtol=0)

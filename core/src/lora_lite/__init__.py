@@ -34,7 +34,7 @@ from .functional import low_rank_update
 from .merging import merge, merge_and_unload, save_merged, unmerge
 from .hookspecs import hookimpl, hookspec
 from .params import ParamSpec
-from .integrations.peft import PeftFormat, export_peft, import_peft
+from .integrations.peft import LoraExport, PeftFormat, export_peft, import_peft
 from .plugins import broken_plugins, get_variant, list_variants, register, reload_plugins, unregister
 from .runtime import Attachment, adapter_batch, attach, attachments, detach, regularization_loss, set_active, step
 from .targeting import Target, find_targets
@@ -58,7 +58,7 @@ except PackageNotFoundError:  # running from a source tree without an install
 
 __all__ = [
     "AlreadyAttachedError", "AttachError", "Attachment", "CalibrationError", "CheckpointError",
-    "CheckpointFormatError", "CheckpointMismatchError", "ConfigError", "ForwardError", "LayerKind",
+    "CheckpointFormatError", "CheckpointMismatchError", "ConfigError", "ForwardError", "LayerKind", "LoraExport",
     "LoraLiteConfig", "LoraLiteError", "MergeError", "MissingDependencyError", "ModelLoadError",
     "NotAttachedError", "ParamSpec", "PeftFormat", "PeftInteropError", "PluginError", "ROLES", "Target", "TargetingError",
     "UnknownVariantError", "WeightAccessError", "adapter_batch", "attach", "attachments", "broken_plugins", "dense_weight",

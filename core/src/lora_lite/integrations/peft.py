@@ -40,6 +40,7 @@ from ..errors import NotAttachedError, PeftInteropError
 from ..plugins import list_variants
 from ..runtime import Attachment, attach, attachments
 from ..targeting import block_index, linear_like_modules
+from ..weights import dense_weight, original_weight
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -86,30 +87,62 @@ def _exportable() -> list[str]:
     return sorted(v.name for v in list_variants() if v.peft is not None)
 
 
+@dataclass(frozen=True)
+class LoraExport:
+    """What ``export_peft(..., as_lora=True)`` wrote and how exact it is.
+
+    :param path: the PEFT adapter directory.
+    :param ranks: ``{module: rank}`` of each module's LoRA factors.
+    :param max_rel_error: over all modules, ``max |B A - delta| / max |delta|`` (``delta``:
+        the variant's merged weight minus the base weight), measured after writing.
+    """
+
+    path: Path
+    ranks: dict[str, int]
+    max_rel_error: float
+
+
+def _single_attachment(model: nn.Module) -> Attachment:
+    atts = attachments(model)
+    if not atts:
+        raise NotAttachedError(f"{type(model).__name__} carries no lora-lite adapter to export.")
+    if len(atts) != 1:
+        raise PeftInteropError(
+            f"the model carries {len(atts)} attachments ({[a.name for a in atts]}); a PEFT adapter holds one "
+            "config. Export a model with a single attachment (lora_lite.save(names=...) and load it alone)."
+        )
+    return atts[0]
+
+
 def export_peft(
     model: nn.Module,
     directory: str | os.PathLike,
     *,
+    as_lora: bool = False,
+    rank: int | None = None,
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
-) -> Path:
-    """Write the adapter on ``model`` as a PEFT LoRA adapter directory; return its path.
+) -> Path | LoraExport:
+    """Write the adapter on ``model`` as a PEFT adapter directory; return its path.
 
     ``PeftModel.from_pretrained(base, directory)`` then reproduces the lora-lite model's
     outputs, where ``base`` is the same model without any adapter (for PiSSA: the original
     weights, not ``W_res``). Module paths are relative to ``model``, so pass the model you
     attached to. ``task_type`` (e.g. ``"CAUSAL_LM"``) picks PEFT's model class on load.
     On an FSDP2-sharded model every rank must call it; rank 0 writes.
+
+    ``as_lora=True`` writes ANY mergeable variant as a plain PEFT LoRA (which PEFT, vLLM and
+    TGI load): per module, the truncated SVD of its weight delta (merged weight minus the
+    base weight; a changed bias goes to PEFT's ``lora_bias``). ``rank=None`` keeps the
+    delta's numerical rank (exact to fp32 rounding); a smaller ``rank`` truncates it. Returns
+    a :class:`LoraExport` with the measured error, which is also written to the
+    directory's ``README.md``.
     """
-    atts = attachments(model)
-    if not atts:
-        raise NotAttachedError(f"{type(model).__name__} carries no lora-lite adapter to export.")
-    if len(atts) != 1:
-        raise PeftInteropError(
-            f"the model carries {len(atts)} attachments ({[a.variant.name for a in atts]}); a PEFT adapter holds one "
-            "config. Export a model with a single attachment."
-        )
-    att = atts[0]
+    att = _single_attachment(model)
+    if as_lora:
+        return _export_as_lora(model, att, Path(directory), rank, base_model_name_or_path, task_type)
+    if rank is not None:
+        raise PeftInteropError("rank= truncates an as_lora export; pass as_lora=True with it.")
     fmt = _format_of(att.variant)
     if fmt is None:
         raise PeftInteropError(
@@ -158,6 +191,79 @@ def export_peft(
 
     _write_once(sharded, write)
     return out
+
+
+def _low_rank(delta: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` with ``B A`` the best rank-``rank`` approximation of ``delta`` (numerical
+    rank at fp32 rounding when ``rank`` is None); at least rank 1 (PEFT needs r >= 1)."""
+    u, sv, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    tol = sv[0].item() * max(delta.shape) * torch.finfo(torch.float32).eps if sv.numel() else 0.0
+    keep = int((sv > tol).sum()) if rank is None else min(rank, sv.numel())
+    keep = max(keep, 1)
+    root = sv[:keep].sqrt()
+    return (root[:, None] * vh[:keep]).float(), (u[:, :keep] * root).float()
+
+
+def _export_as_lora(model, att: Attachment, out: Path, rank: int | None, base_name, task_type) -> LoraExport:
+    if not att.variant.mergeable:
+        raise PeftInteropError(
+            f"variant {att.variant.name!r} has no merge hook, so its weight delta is unknown; as_lora needs a "
+            "mergeable variant."
+        )
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+        raise PeftInteropError(f"rank must be a positive integer or None, got {rank!r}.")
+    hook = att.variant.hook("merge")
+    tensors: Tensors = {}
+    ranks: dict[str, int] = {}
+    errors: list[float] = []
+    bias_deltas: dict[str, torch.Tensor] = {}
+    for t in att.targets:
+        current = _full_cpu(dense_weight(t.layer)).float()
+        bias = getattr(t.layer, "bias", None)
+        bias = None if bias is None else _full_cpu(bias).float()
+        with torch.no_grad():
+            merged, merged_bias = hook(t.layer, current.clone(), None if bias is None else bias.clone())
+        delta = merged.float() - _full_cpu(original_weight(t.layer)).float()  # against the untouched base
+        a, b = _low_rank(delta, rank)
+        scale = delta.abs().max().item()
+        errors.append((b @ a - delta).abs().max().item() / scale if scale else 0.0)
+        ranks[t.name] = a.shape[0]
+        tensors[f"{PREFIX}{t.name}.lora_A.weight"] = a.contiguous()
+        tensors[f"{PREFIX}{t.name}.lora_B.weight"] = b.contiguous()
+        if bias is not None and not torch.equal(merged_bias, bias):
+            bias_deltas[t.name] = (merged_bias - bias).contiguous()
+    if bias_deltas:  # PEFT's lora_bias: every lora_B gets a bias (zeros where the delta had none)
+        for t in att.targets:
+            tensors[f"{PREFIX}{t.name}.lora_B.bias"] = bias_deltas.get(t.name, torch.zeros(t.d_out))
+    r = max(ranks.values())
+    pattern = {re.escape(n): k for n, k in ranks.items() if k != r}
+    config = {
+        "peft_type": "LORA", "task_type": task_type,
+        "base_model_name_or_path": base_name or getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),  # scaling 1 everywhere
+        "target_modules": _target_modules(model, att.target_names), "lora_dropout": 0.0, "bias": "none",
+        "lora_bias": bool(bias_deltas), "use_rslora": False, "fan_in_fan_out": False, "init_lora_weights": True,
+        "use_dora": False, "modules_to_save": None, "inference_mode": True,
+    }
+    err = max(errors)
+    how = "its numerical rank (exact to fp32 rounding)" if rank is None else f"rank at most {rank} (truncated)"
+    readme = (
+        f"# PEFT LoRA export of a lora-lite {att.variant.name} adapter\n\n"
+        f"Written by `lora_lite.export_peft(..., as_lora=True, rank={rank})`: each module's weight delta (the "
+        f"{att.variant.name} adapter merged into the base weight, minus the base weight) as a LoRA of {how}.\n\n"
+        f"- modules: {len(ranks)}; ranks: {min(ranks.values())} to {r}\n"
+        f"- measured max relative error of the weight deltas, max |B A - delta| / max |delta|: {err:.3e}\n"
+        f"- bias deltas (PEFT lora_bias): {'yes' if bias_deltas else 'none'}\n"
+    )
+
+    def write() -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+        (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        (out / "README.md").write_text(readme)
+
+    _write_once(any(_is_sharded(v) for v in att.adapter_tensors().values()), write)
+    return LoraExport(out, ranks, err)
 
 
 def _target_modules(model: nn.Module, targets: list[str]) -> list[str]:
@@ -340,8 +446,11 @@ def _cli_export(args: argparse.Namespace) -> int:
 
     model = _load_hf_model(args.model)
     load(model, args.checkpoint)
-    out = export_peft(model, args.output, base_model_name_or_path=args.model, task_type="CAUSAL_LM")
-    print(f"wrote PEFT adapter {out / CONFIG_NAME} and {out / WEIGHTS_NAME}")
+    got = export_peft(model, args.output, as_lora=args.as_lora, rank=args.rank, base_model_name_or_path=args.model,
+                      task_type="CAUSAL_LM")
+    out = got.path if args.as_lora else got
+    print(f"wrote PEFT adapter {out / CONFIG_NAME} and {out / WEIGHTS_NAME}"
+          + (f" (LoRA of the weight deltas, max relative error {got.max_rel_error:.3e})" if args.as_lora else ""))
     return 0
 
 
@@ -359,6 +468,8 @@ def add_cli_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="lora-lite .safetensors checkpoint")
     p.add_argument("output", help="directory to write adapter_config.json + adapter_model.safetensors into")
     p.add_argument("--model", required=True, help="base model (transformers name or path) the adapter was trained on")
+    p.add_argument("--as-lora", action="store_true", help="any mergeable variant as a plain LoRA (SVD of its weight deltas)")
+    p.add_argument("--rank", type=int, default=None, help="with --as-lora: truncate to this rank (default: exact)")
     p.set_defaults(func=_cli_export)
     p = subparsers.add_parser("import-peft", help="convert a PEFT LoRA adapter directory to a lora-lite checkpoint")
     p.add_argument("peft_dir", help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
@@ -367,4 +478,4 @@ def add_cli_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cli_import)
 
 
-__all__ = ["PeftFormat", "add_cli_commands", "export_peft", "import_peft"]
+__all__ = ["LoraExport", "PeftFormat", "add_cli_commands", "export_peft", "import_peft"]
