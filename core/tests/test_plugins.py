@@ -209,7 +209,8 @@ def test_asking_for_one_variant_imports_only_its_plugin(monkeypatch):
 
 def test_metadata_is_read_and_checked():
     info = ll.get_variant("lora")
-    assert info.size_knob == "r" and info.layer_kinds is None and info.peft is not None and info.lrs
+    assert info.size_knob == "r" and "embedding" in info.layer_kinds and info.peft is not None and info.lrs
+    assert ll.get_variant("pissa").layer_kinds is None  # undeclared: every linear-like kind
 
     class BadKnob:
         name = "t_badknob"

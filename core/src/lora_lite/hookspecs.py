@@ -39,7 +39,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 
 @hookspec
-def param_specs(d_in, d_out, cfg):
+def param_specs(d_in, d_out, cfg, target):
     """Declare the adapter tensors one target layer gets.
 
     Called at ``attach`` for every target, before the model is touched, so anything it
@@ -49,6 +49,9 @@ def param_specs(d_in, d_out, cfg):
     :param int d_in: the layer's input features.
     :param int d_out: the layer's output features.
     :param cfg: the variant's config (an instance of its ``config_class``).
+    :param target: the :class:`lora_lite.Target` (``.layer``, ``.name``, ...), for a variant
+        whose tensors depend on the layer's kind (a convolution's kernel:
+        ``lora_lite.kind_name(target.layer)``). Most variants need only the first three.
     :returns: ``{name: ParamSpec}``. Every name must start with ``lora_``; the runtime
         creates each tensor on the layer's device as ``layer.<name>`` (an
         ``nn.Parameter``, trainable or not as the spec says) and fills it by

@@ -39,6 +39,25 @@ _MERGE_UNDO = "_lora_lite_merge_undo"  # on each merged layer: undo functions, i
 Undo = Callable[[], None]
 
 
+def _check_untied(model: nn.Module, atts: list[Attachment]) -> None:
+    """A weight shared by several modules (tied input/output embeddings) cannot take one
+    module's merge: the others would change too."""
+    holders: dict[int, list[str]] = {}
+    for name, m in model.named_modules():
+        for p in m._parameters.values():
+            if p is not None:
+                holders.setdefault(id(p), []).append(name)
+    for att in atts:
+        for t, host in zip(att.targets, att.hosts):
+            shared = holders.get(id(getattr(host, "weight", None)), [])
+            if len(shared) > 1:
+                raise MergeError(
+                    f"{t.name}'s weight is shared with {[n for n in shared if n != t.name]} (tied weights): merging "
+                    "its adapter would change them too. Keep it hooked, or untie the weights first (e.g. "
+                    "model.lm_head.weight = nn.Parameter(model.lm_head.weight.clone()))."
+                )
+
+
 def _check_mergeable(atts: list[Attachment], dequantize: bool, requantize: bool) -> None:
     no_hook = sorted({a.variant.name for a in atts if not a.variant.mergeable})
     if no_hook:
@@ -119,6 +138,7 @@ def merge(model: nn.Module, *, dequantize: bool = False, requantize: bool = Fals
         raise MergeError("the model's adapters are already merged; lora_lite.unmerge(model) first to merge again.")
     active = [a for a in state.attachments if a.active]
     _check_mergeable(active, dequantize, requantize)
+    _check_untied(model, active)
     for att in active:
         att.fingerprint  # noqa: B018  (taken now, from the weights as they were: save while merged stays valid)
     errors: dict[str, float] = {}

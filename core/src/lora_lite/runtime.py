@@ -35,7 +35,7 @@ from .errors import (
 from .params import ParamSpec
 from .plugins import VariantInfo, get_variant
 from .targeting import Target, find_targets
-from .weights import _HOST_ATTR, _UNDO_ATTR, base_fingerprint, kind_name, restore_dense_weight
+from .weights import _HOST_ATTR, _UNDO_ATTR, LINEAR_LIKE, base_fingerprint, kind_name, layer_kind, restore_dense_weight
 
 _STATE_ATTR = "_lora_lite"
 _OWNED_PREFIXES = ("lora_", "_lora_lite")
@@ -315,7 +315,7 @@ def _collect_specs(variant: VariantInfo, targets: list[Target], cfg: LoraLiteCon
     for t in targets:
         where = f"{variant.name}: param_specs of {t.name} ({t.d_in} -> {t.d_out})"
         try:
-            got = param_specs(t.d_in, t.d_out, cfg)
+            got = param_specs(t.d_in, t.d_out, cfg, t)
         except LoraLiteError as err:
             raise add_context(err, where)
         except Exception as err:
@@ -427,13 +427,19 @@ def _plan(model: nn.Module, cfg: LoraLiteConfig, calibration_data: Any, name: st
     return _Plan(model, cfg, variant, targets, specs, params, existing, calibration_data, name)
 
 
+def _supports(variant: VariantInfo, layer: nn.Module) -> bool:
+    kind = layer_kind(layer)
+    linear_like = kind is None or not kind.by_name_only
+    kinds = variant.layer_kinds if variant.layer_kinds is not None else (LINEAR_LIKE,)
+    return (linear_like and LINEAR_LIKE in kinds) or kind_name(layer) in kinds
+
+
 def _check_layer_kinds(variant: VariantInfo, targets: list[Target]) -> None:
-    if variant.layer_kinds is None:
-        return
-    bad = [(t.name, kind_name(t.layer)) for t in targets if kind_name(t.layer) not in variant.layer_kinds]
+    bad = [(t.name, kind_name(t.layer)) for t in targets if not _supports(variant, t.layer)]
     if bad:
+        kinds = list(variant.layer_kinds or (LINEAR_LIKE,))
         raise TargetingError(
-            f"variant {variant.name!r} supports the layer kinds {list(variant.layer_kinds)}, but target {bad[0][0]} "
+            f"variant {variant.name!r} supports the layer kinds {kinds}, but target {bad[0][0]} "
             f"is a {bad[0][1]!r} layer ({len(bad)} such target(s)). Keep those layers out of the targets "
             "(exclude_names), or use a variant that supports them (docs/layers.md has the table)."
         )
@@ -464,20 +470,26 @@ def _check_forward(att: Attachment) -> None:
     fwd, fwd_in = att.variant.hook("forward"), att.variant.hook("forward_input")
     seen = set()
     g = torch.Generator().manual_seed(0)
-    for t in att.targets:
+    for t, host in zip(att.targets, att.hosts):
         dtype = _input_dtype(t.layer)
-        key = (type(t.layer), t.d_in, t.d_out, dtype)
+        kind = layer_kind(host)
+        key = (type(host), t.d_in, t.d_out, dtype)
         if key in seen:
             continue
         seen.add(key)
         device = t.layer.weight.device
-        x = torch.randn(2, t.d_in, generator=g).to(device, dtype)
+        sample = kind is not None and kind.sample
+        x = (kind.sample(host, g) if sample else torch.randn(2, t.d_in, generator=g)).to(device)
+        x = x.to(dtype) if x.is_floating_point() else x
         with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             if fwd_in is not None:
                 got = fwd_in(t.layer, x)
                 _expect(got, x, att.variant, "forward_input", t)
+                x = got
             if fwd is not None:
-                y = torch.randn(2, t.d_out, generator=g).to(device, dtype)
+                # a by-name-only kind (embedding, conv) is called for its output shape; a linear-like
+                # one is not (bnb re-lays out storage on a first forward): any (2, d_out) will do
+                y = host(x) if sample else torch.randn(2, t.d_out, generator=g).to(device, dtype)
                 _expect(fwd(t.layer, x, y), y, att.variant, "forward", t)
 
 

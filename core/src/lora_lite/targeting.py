@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import LoraLiteConfig
 from .errors import TargetingError
-from .weights import features, is_linear_like
+from .weights import _HOST_ATTR, features, is_linear_like, layer_kind
 
 _BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layers|h|layer|block|blocks)\.(\d+)(?:\.|$)")
 
@@ -106,10 +106,34 @@ def find_targets(model: nn.Module, cfg: LoraLiteConfig) -> list[Target]:
         if not roles & wanted_roles:
             continue
         targets.append(Target(name, layer, roles, d_in, d_out, block))
+    if include:
+        targets += _named_only_targets(model, cfg, include, exclude)
     _refuse_uncalled(targets, uncalled)
     if not targets:
-        raise TargetingError(_no_match_message(cfg, linears, d_model))
+        hidden = [n for n, _ in model.named_modules()
+                  if include and any(p.search(n) for p in include) and any(p.search(n) for p in exclude)]
+        hint = (f"\ntarget_names matches {hidden[:5]}, but exclude_names={cfg.exclude_names} removes them (the "
+                "default excludes lm_head and embed_tokens): pass exclude_names=() to target them.") if hidden else ""
+        raise TargetingError(_no_match_message(cfg, linears, d_model) + hint)
     return targets
+
+
+def _named_only_targets(model: nn.Module, cfg: LoraLiteConfig, include, exclude) -> list[Target]:
+    """Embeddings and convolutions (kinds that are ``by_name_only``): targets only when a
+    ``target_names`` pattern names them; they have no roles."""
+    out = []
+    for name, layer in model.named_modules():
+        kind = layer_kind(layer) if name else None
+        if kind is None or not kind.by_name_only or _HOST_ATTR in layer.__dict__:
+            continue
+        if any(p.search(name) for p in exclude) or not any(p.search(name) for p in include):
+            continue
+        block = block_index(name)
+        if cfg.layers is not None and block not in cfg.layers:
+            continue
+        d_in, d_out = kind.features(layer)
+        out.append(Target(name, layer, frozenset(), d_in, d_out, block))
+    return out
 
 
 def _special_ids(model: nn.Module) -> tuple[set[int], set[int]]:

@@ -59,6 +59,12 @@ class LayerKind:
     :param fingerprint: ``layer -> Tensor`` identifying the base weight for checkpoint
         checks, for storages that the owning library re-lays out in place (lossily);
         ``None`` uses ``read``.
+    :param by_name_only: not linear-like (its input is not ``(..., d_in)``: embeddings take
+        indices, convolutions channels-first maps): targeted only when ``target_names``
+        names it, never by roles, and only by variants that list the kind in their
+        ``layer_kinds``.
+    :param sample: ``(layer, generator) -> a small valid input``, for attach's dry call of
+        the variant's hooks; ``None``: ``randn(2, d_in)``.
     """
 
     name: str
@@ -68,6 +74,8 @@ class LayerKind:
     write: Callable[[nn.Module, torch.Tensor], Undo] | None = None
     quantized: bool = False
     fingerprint: Callable[[nn.Module], torch.Tensor] | None = None
+    by_name_only: bool = False
+    sample: Callable[[nn.Module, torch.Generator], torch.Tensor] | None = None
 
 
 _HOST_ATTR = "_lora_lite_host"
@@ -152,6 +160,50 @@ CONV1D = LayerKind(
     read=lambda layer: layer.weight.T,
     write=lambda layer, w: _swap_data(layer.weight, w.T.contiguous()),
 )
+
+
+# -- layers that are linear in their weight but not linear-like: embeddings, convolutions --
+
+def _swap_reshaped(param: torch.Tensor, new: torch.Tensor, to_storage: Callable[[torch.Tensor], torch.Tensor]) -> Undo:
+    return _swap_data(param, to_storage(new).contiguous())
+
+
+EMBEDDING = LayerKind(
+    # y = W[:, x] for token ids x: a linear map of one-hot(x) with the (d_out, d_in) weight W^T
+    name="embedding",
+    matches=lambda layer: type(layer) is nn.Embedding and _plain_float(layer.weight, tuple(layer.weight.shape)),
+    features=lambda layer: (layer.num_embeddings, layer.embedding_dim),
+    read=lambda layer: layer.weight.T,
+    write=lambda layer, w: _swap_reshaped(layer.weight, w, lambda t: t.T),
+    by_name_only=True,
+    sample=lambda layer, g: torch.randint(0, layer.num_embeddings, (2, 3), generator=g),
+)
+
+
+def _is_conv(layer: nn.Module, cls: type) -> bool:
+    # groups and non-zero padding modes change what "the weight's linear map" means: not claimed
+    return (type(layer) is cls and layer.groups == 1 and layer.padding_mode == "zeros"
+            and _plain_float(layer.weight, tuple(layer.weight.shape)))
+
+
+def _conv_sample(layer: nn.Module, g: torch.Generator) -> torch.Tensor:
+    size = [max(8, d * (k - 1) + 1) for k, d in zip(layer.kernel_size, layer.dilation)]
+    return torch.randn(1, layer.in_channels, *size, generator=g)
+
+
+def _conv_kind(name: str, cls: type) -> LayerKind:
+    # a convolution is linear in its input patches: (d_out, d_in) = (out, in * prod(kernel))
+    return LayerKind(
+        name=name, matches=lambda layer: _is_conv(layer, cls),
+        features=lambda layer: (layer.weight[0].numel(), layer.out_channels),
+        read=lambda layer: layer.weight.reshape(layer.out_channels, -1),
+        write=lambda layer, w: _swap_reshaped(layer.weight, w, lambda t: t.reshape(layer.weight.shape)),
+        by_name_only=True, sample=_conv_sample,
+    )
+
+
+TORCH_CONV1D = _conv_kind("torch-conv1d", nn.Conv1d)
+TORCH_CONV2D = _conv_kind("torch-conv2d", nn.Conv2d)
 
 
 # -- bitsandbytes ------------------------------------------------------------------------
@@ -303,7 +355,8 @@ BNB_8BIT = _bnb_kind("bnb-8bit", "Linear8bitLt", "Int8Params", _read_8bit, _writ
 
 # -- registry ----------------------------------------------------------------------------
 
-BUILTIN_KINDS = (BNB_4BIT, BNB_8BIT, CONV1D, DENSE_LINEAR)
+BUILTIN_KINDS = (BNB_4BIT, BNB_8BIT, CONV1D, DENSE_LINEAR, EMBEDDING, TORCH_CONV1D, TORCH_CONV2D)
+LINEAR_LIKE = "linear-like"  # in a variant's layer_kinds: every kind that is not by_name_only
 _KINDS: list[LayerKind] = list(BUILTIN_KINDS)
 
 
@@ -355,8 +408,9 @@ def is_linear_like(layer: nn.Module) -> bool:
     Adapter slots are never linear-like (they only borrow their host's attributes)."""
     if _HOST_ATTR in layer.__dict__:
         return False
-    if layer_kind(layer) is not None:
-        return True
+    kind = layer_kind(layer)
+    if kind is not None:
+        return not kind.by_name_only
     return (
         isinstance(_peek(layer, "in_features"), int)
         and isinstance(_peek(layer, "out_features"), int)
