@@ -16,6 +16,7 @@ Declarations core reads (all optional; see :class:`lora_lite.plugins.VariantInfo
         layer_kinds = ("linear", "conv1d")   # None (default): every linear-like kind
         peft = lora_lite.PeftFormat(...)     # how it reads/writes PEFT adapters
         size_knob = "r"               # the int knob a budget-matched comparison scales
+                                      # (None: the size is fixed by the layer shapes)
         lrs = (1e-4, 3e-4, 1e-3)      # learning rates a comparison sweeps
 
 pluggy does discovery, registration and signature validation. It does NOT dispatch on

@@ -62,7 +62,8 @@ class VariantInfo:
     :param peft: a :class:`lora_lite.PeftFormat` (how the variant reads and writes PEFT
         adapters), or ``None``.
     :param size_knob: the integer config field that sets the adapter's size (``r`` for
-        most), for budget-matched comparisons.
+        most), for budget-matched comparisons; ``None`` where the layer shapes fix the
+        size (IA3's gates).
     :param lrs: learning rates a comparison sweeps by default.
     :param additive: the variant only adds ``delta(x)`` to the base output (a ``forward``
         hook ``y + delta(x)``, no input transform, no rewritten weight): rows of a batch
@@ -78,7 +79,7 @@ class VariantInfo:
     hooks: dict[str, Callable[..., Any]] = field(default_factory=dict)
     layer_kinds: tuple[str, ...] | None = None
     peft: Any = None
-    size_knob: str = "r"
+    size_knob: str | None = "r"
     lrs: tuple[float, ...] = DEFAULT_LRS
     additive: bool = False
 
@@ -208,9 +209,10 @@ def _metadata(plugin: Any, name: str, config_class: type[LoraLiteConfig]) -> dic
         kinds = tuple(kinds)
     size_knob = getattr(plugin, "size_knob", "r")
     knob = {f.name: f for f in dataclasses.fields(config_class)}.get(size_knob)
-    if knob is None or not isinstance(knob.default, int) or isinstance(knob.default, bool):
+    if size_knob is not None and (knob is None or not isinstance(knob.default, int) or isinstance(knob.default, bool)):
         raise PluginError(
-            f"variant {name!r}: size_knob {size_knob!r} must name an integer field of {config_class.__name__}."
+            f"variant {name!r}: size_knob {size_knob!r} must name an integer field of {config_class.__name__} "
+            f"(or be None for a variant whose size is fixed by the layer shapes)."
         )
     lrs = getattr(plugin, "lrs", DEFAULT_LRS)
     if isinstance(lrs, (int, float)) or not lrs or not all(

@@ -26,6 +26,7 @@ from .. import __version__
 from ..errors import LoraLiteError, MissingDependencyError
 from ..integrations.peft import add_cli_commands as add_peft_commands
 from ..merging import add_cli_commands as add_merge_commands
+from .compare import add_cli_commands as add_compare_commands
 
 PROBE_EXTRA = "pip install 'lora-lite-core[probe]'"
 
@@ -266,7 +267,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 # -- entry point -------------------------------------------------------------------------
 
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_variants, _add_probe, _add_inspect, add_peft_commands, add_merge_commands,
+    _add_variants, _add_probe, _add_inspect, add_peft_commands, add_merge_commands, add_compare_commands,
 )
 
 

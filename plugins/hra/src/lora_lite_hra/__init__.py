@@ -55,6 +55,7 @@ def householder_wy(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class HRA:
     name = "hra"
+    lrs = (3e-4, 1e-3, 3e-3, 1e-2)  # rotations: fewer effective degrees of freedom than LoRA's r (d_in + d_out)
 
     def param_specs(d_in, d_out, cfg):
         if cfg.r % 2:

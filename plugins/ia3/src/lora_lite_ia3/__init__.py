@@ -31,6 +31,8 @@ import lora_lite as ll
 
 class IA3:
     name = "ia3"
+    size_knob = None  # one gate per output feature: the layer shapes fix the size
+    lrs = (3e-3, 1e-2, 3e-2, 1e-1)  # gates start at 1 and move multiplicatively
 
     def param_specs(d_in, d_out, cfg):
         return {"lora_l": ll.ParamSpec((d_out,), init="ones", keep_fp32=True)}
@@ -46,6 +48,8 @@ class IA3:
 
 class IA3FF:
     name = "ia3_ff"
+    size_knob = None
+    lrs = IA3.lrs
 
     def param_specs(d_in, d_out, cfg):
         return {"lora_l": ll.ParamSpec((d_in,), init="ones", keep_fp32=True)}

@@ -97,6 +97,7 @@ def cayley(q: torch.Tensor, neumann_terms: int | None) -> torch.Tensor:
 
 class OFT:
     name = "oft"
+    lrs = (3e-4, 1e-3, 3e-3, 1e-2)  # rotations: fewer effective degrees of freedom than LoRA's r (d_in + d_out)
     config_class = OFTConfig
 
     def param_specs(d_in, d_out, cfg):

@@ -64,6 +64,8 @@ def _columns(layer, group_size: int, dtype: torch.dtype) -> tuple[torch.Tensor, 
 
 class RoAd:
     name = "road"
+    size_knob = None  # two (or four) numbers per output feature whatever group_size is
+    lrs = (1e-3, 3e-3, 1e-2, 3e-2)  # few parameters, each an angle or a scale
     config_class = RoAdConfig
 
     def param_specs(d_in, d_out, cfg):

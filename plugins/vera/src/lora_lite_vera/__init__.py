@@ -55,6 +55,7 @@ def _projections(cfg, targets, device):
 
 class VeRA:
     name = "vera"
+    lrs = (1e-3, 3e-3, 1e-2, 3e-2)  # only the d_out + r scaling vectors train
     additive = True  # y + delta(x): rows of a batch may use different attachments
     config_class = VeRAConfig
 
