@@ -15,7 +15,7 @@ import lora_lite as ll
 from lora_lite import plugins
 from lora_lite.tools.cli import main
 
-from .models import tiny_qwen3
+from .support.models import tiny_qwen3
 
 pytest.importorskip("transformers")
 
@@ -141,8 +141,8 @@ def test_probe_exit_status_is_nonzero_when_a_check_fails(tmp_path, capsys, leaky
     rows = {r["variant"]: r for r in data["rows"]}
     assert rows["lora"]["passed"] is True
     assert rows[leaky_variant]["passed"] is False and rows[leaky_variant]["identity_err"] > 1e-3
-    assert any(f.startswith("identity err") for f in rows[leaky_variant]["failures"])
-    assert "CHECKS FAILED" in out and f"{leaky_variant}: identity err" in out
+    assert any(f.startswith("identity_at_init: identity error") for f in rows[leaky_variant]["failures"])
+    assert "CHECKS FAILED" in out and f"{leaky_variant}: identity_at_init: identity error" in out
     assert "SOME CHECKS FAILED" in (tmp_path / "out" / "probe.md").read_text()
 
 

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 import lora_lite as ll
 
-from . import dist_worker
-from .models import tiny_qwen3
+from .support import dist_worker
+from .support.models import tiny_qwen3
 
 WORKER = Path(dist_worker.__file__)
 WORLD = 2

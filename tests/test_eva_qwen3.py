@@ -11,7 +11,7 @@ import torch
 
 import lora_lite as ll
 
-from .models import tiny_qwen3
+from .support.models import tiny_qwen3
 
 READERS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]  # d_in = 32
 R = 16

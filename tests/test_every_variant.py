@@ -7,49 +7,31 @@ import pytest
 import torch
 
 import lora_lite as ll
-from lora_lite.testing import VariantConformance
+from lora_lite import checks
+from lora_lite.testing import parametrize_with_checks
 
-from .kit_settings import KIT_SETTINGS
-from .models import tiny_qwen3, token_batch
+from .support.kits import Qwen3Models, kit_for
 
 VARIANTS = [v.name for v in ll.list_variants()]
-
-
-def kit_for(variant: str, base: type = VariantConformance) -> VariantConformance:
-    settings = KIT_SETTINGS.get(variant, {})
-    kit = type(f"Kit_{variant}", (base,), {"variant": variant, **settings})()
-    return kit
-
-
-class Qwen3Kit(VariantConformance):
-    def make_model(self):
-        return tiny_qwen3(self.seed)
-
-    def make_batch(self, model):
-        return token_batch(model.config.vocab_size)
-
-    def run_model(self, model, batch):
-        return model(**batch).logits
 
 
 def test_the_three_foundation_variants_are_installed():
     assert {"lora", "pissa", "delora"} <= set(VARIANTS)
 
 
-QWEN_CHECKS = [
-    "test_identity_at_init", "test_hooks_are_live", "test_only_adapter_tensors_get_gradients",
-    "test_loss_drops", "test_save_load_into_fresh_model_is_exact", "test_save_detach_load_same_model_is_exact",
-    "test_detach_restores_outputs_and_requires_grad", "test_every_trainable_tensor_moves",
-]
+QWEN_CHECKS = (
+    checks.check_identity_at_init, checks.check_hooks_are_live, checks.check_only_adapter_tensors_get_gradients,
+    checks.check_loss_drops, checks.check_save_load_into_fresh_model_is_exact,
+    checks.check_save_detach_load_same_model_is_exact, checks.check_detach_restores_outputs_and_requires_grad,
+    checks.check_every_trainable_tensor_moves,
+)
 
 
-@pytest.mark.parametrize("check", QWEN_CHECKS)
-@pytest.mark.parametrize("variant", VARIANTS)
+@parametrize_with_checks(VARIANTS, QWEN_CHECKS)
 def test_qwen3(variant, check, tmp_path):
+    """Each plugin's own kit (its settings found in its tests), moved onto Qwen3 from config."""
     pytest.importorskip("transformers")
-    kit = kit_for(variant, Qwen3Kit)
-    fn = getattr(kit, check)
-    fn(tmp_path) if "tmp_path" in fn.__code__.co_varnames else fn()
+    check(kit_for(variant, Qwen3Models).subject(tmp_path))
 
 
 def test_quickstart_verbatim(tmp_path):

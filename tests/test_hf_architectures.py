@@ -9,8 +9,8 @@ import torch
 
 import lora_lite as ll
 
-from .hf_tiny_models import ARCHS
-from .kit_settings import KIT_SETTINGS, calibration_for
+from .support.hf_tiny_models import ARCHS
+from .support.kits import calibration_for, config_kwargs
 
 pytest.importorskip("transformers")
 
@@ -18,7 +18,7 @@ VARIANTS = [v.name for v in ll.list_variants()]
 
 
 def _cfg(variant: str, **kw) -> ll.LoraLiteConfig:
-    knobs = KIT_SETTINGS.get(variant, {}).get("config_kwargs", {})
+    knobs = config_kwargs(variant)
     return ll.LoraLiteConfig(**{"variant": variant, "r": 4, "alpha": 8, **knobs, **kw})
 
 

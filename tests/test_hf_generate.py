@@ -7,8 +7,8 @@ import torch
 
 import lora_lite as ll
 
-from .kit_settings import KIT_SETTINGS, calibration_for
-from .models import tiny_qwen3, token_batch
+from .support.kits import calibration_for, config_kwargs
+from .support.models import tiny_qwen3, token_batch
 
 pytest.importorskip("transformers")
 
@@ -26,7 +26,7 @@ def test_generate_equals_base_at_init_and_differs_after_training(variant, tmp_pa
     prompt = token_batch(128, batch=2, seq=6, seed=4)
     base = _generate(model, prompt)
     assert base.shape == (2, 18)
-    knobs = KIT_SETTINGS.get(variant, {}).get("config_kwargs", {})
+    knobs = config_kwargs(variant)
     cfg = ll.LoraLiteConfig(**{"variant": variant, "r": 4, "alpha": 8, **knobs})
     att = ll.attach(model, cfg, calibration_data=calibration_for(variant, token_batch(128, seed=5)))
     assert torch.equal(_generate(model, prompt), base)

@@ -9,8 +9,8 @@ import torch
 
 import lora_lite as ll
 
-from .kit_settings import KIT_SETTINGS, calibration_for
-from .models import tiny_qwen3, token_batch
+from .support.kits import calibration_for, config_kwargs
+from .support.models import tiny_qwen3, token_batch
 
 pytest.importorskip("transformers")
 from lora_lite.hf import enable_gradient_checkpointing  # noqa: E402
@@ -20,7 +20,7 @@ VARIANTS = [v.name for v in ll.list_variants()]
 
 def _attached(variant: str):
     model = tiny_qwen3(0, layers=3).train()
-    knobs = KIT_SETTINGS.get(variant, {}).get("config_kwargs", {})
+    knobs = config_kwargs(variant)
     cfg = ll.LoraLiteConfig(**{"variant": variant, "r": 4, "alpha": 8, **knobs})
     att = ll.attach(model, cfg, calibration_data=calibration_for(variant, token_batch(128, seed=6)))
     g = torch.Generator().manual_seed(5)

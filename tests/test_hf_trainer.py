@@ -10,7 +10,7 @@ import torch
 
 import lora_lite as ll
 
-from .models import tiny_qwen3, token_batch
+from .support.models import tiny_qwen3, token_batch
 
 transformers = pytest.importorskip("transformers")
 from lora_lite.hf import AdapterCheckpointCallback  # noqa: E402

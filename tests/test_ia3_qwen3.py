@@ -7,7 +7,7 @@ import torch
 
 import lora_lite as ll
 
-from .models import tiny_qwen3, token_batch
+from .support.models import tiny_qwen3, token_batch
 
 KV = (r"\.k_proj$", r"\.v_proj$")
 FF = (r"\.down_proj$",)

@@ -10,9 +10,12 @@ import pytest
 import torch
 
 import lora_lite as ll
+from lora_lite import checks
+from lora_lite.testing import parametrize_with_checks
 
-from .layer_support import KINDS, LayerKindKit, make_model, same_state
-from .models import BNB_WIDE, bnb_qwen3, quantize_linears, tiny_qwen3, token_batch
+from .support.kits import kit_for
+from .support.layer_support import KINDS, LayerKindKit, make_model, same_state
+from .support.models import BNB_WIDE, bnb_qwen3, quantize_linears, tiny_qwen3, token_batch
 
 bnb = pytest.importorskip("bitsandbytes")
 pytest.importorskip("transformers")
@@ -119,23 +122,19 @@ HF_QUANT = {
     "4bit-nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.float32},
     "8bit": {"load_in_8bit": True},
 }
-HF_CHECKS = ["test_identity_at_init", "test_loss_drops", "test_save_load_into_fresh_model_is_exact",
-             "test_save_detach_load_same_model_is_exact", "test_gradients_finite_and_nonzero"]
+HF_CHECKS = (checks.check_identity_at_init, checks.check_loss_drops, checks.check_save_load_into_fresh_model_is_exact,
+             checks.check_save_detach_load_same_model_is_exact, checks.check_gradients_finite_and_nonzero)
 
 
-@pytest.mark.parametrize("check", HF_CHECKS)
 @pytest.mark.parametrize("quant", sorted(HF_QUANT))
-@pytest.mark.parametrize("variant", ["lora", "delora"])
+@parametrize_with_checks(["lora", "delora"], HF_CHECKS)
 def test_transformers_bitsandbytes_config_on_cpu(variant, quant, check, saved_qwen3, tmp_path):
-    kit = HFQuantizedKit()
-    kit.variant, kit.path, kit.quantization = variant, saved_qwen3, HF_QUANT[quant]
-    if variant == "delora":
-        kit.config_kwargs = {"lambda0": 1.0}
+    kit = kit_for(variant, HFQuantizedKit)
+    kit.path, kit.quantization = saved_qwen3, HF_QUANT[quant]
     model = kit.make_model()
     kinds = {ll.layer_kind(t.layer).name for t in ll.find_targets(model, kit.make_config())}
     assert kinds == {"bnb-4bit" if quant.startswith("4bit") else "bnb-8bit"}
-    fn = getattr(kit, check)
-    fn(tmp_path) if "tmp_path" in fn.__code__.co_varnames else fn()
+    check(kit.subject(tmp_path))
 
 
 def test_matrix_models_are_really_quantized():

@@ -10,7 +10,7 @@ from torch import nn
 
 import lora_lite as ll
 
-from .models import tiny_qwen3, token_batch
+from .support.models import tiny_qwen3, token_batch
 
 
 class ConvNet(nn.Module):

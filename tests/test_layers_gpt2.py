@@ -9,7 +9,7 @@ import torch
 
 import lora_lite as ll
 
-from .models import tiny_gpt2, token_batch
+from .support.models import tiny_gpt2, token_batch
 
 pytest.importorskip("transformers")
 

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 
-from . import layer_support as support
+from .support import layer_support as support
 
 pytest.importorskip("transformers")
 pytest.importorskip("bitsandbytes")
@@ -50,6 +50,6 @@ def test_layers_support_table_is_current():
     })
     assert support.committed_table() == table, (
         "docs/layers.md's support table is stale (variants or layer kinds changed). Regenerate it with\n"
-        "    python -m tests.layer_support --write\n"
+        "    python -m tests.support.layer_support --write\n"
         f"Measured now:\n{table}"
     )

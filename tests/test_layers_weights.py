@@ -12,7 +12,7 @@ from torch import nn
 import lora_lite as ll
 from lora_lite import plugins, weights
 
-from .layer_support import same_bits
+from .support.layer_support import same_bits
 
 bnb = pytest.importorskip("bitsandbytes")
 F = pytest.importorskip("bitsandbytes.functional")

@@ -11,8 +11,8 @@ import torch
 import lora_lite as ll
 from lora_lite.testing import ToyTransformer
 
-from .kit_settings import KIT_SETTINGS, calibration_for
-from .models import tiny_gpt2, tiny_qwen3, token_batch
+from .support.kits import calibration_for, config_kwargs
+from .support.models import tiny_gpt2, tiny_qwen3, token_batch
 
 VARIANTS = [v.name for v in ll.list_variants()]
 MODELS = {
@@ -46,7 +46,7 @@ def test_merge_equals_hooked_unmerge_is_exact_unload_is_clean(variant, arch):
     torch.manual_seed(0)
     model = make()
     batch = make_batch(model)
-    knobs = KIT_SETTINGS.get(variant, {}).get("config_kwargs", {})
+    knobs = config_kwargs(variant)
     cfg = ll.LoraLiteConfig(**{"variant": variant, "r": 4, "alpha": 8, **knobs})
     att = ll.attach(model, cfg, calibration_data=calibration_for(variant, batch))
     _perturb(att)

@@ -10,7 +10,7 @@ import torch
 
 import lora_lite as ll
 
-from .models import tiny_qwen3, token_batch
+from .support.models import tiny_qwen3, token_batch
 from .test_peft_interop_export import logits, peft_logits, trained_like
 from .test_peft_interop_import import peft_adapter
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import lora_lite as ll
 
-from .models import tiny_qwen3, token_batch
+from .support.models import tiny_qwen3, token_batch
 
 peft = pytest.importorskip("peft")
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 import lora_lite as ll
 from lora_lite.integrations.peft import add_cli_commands
 
-from .models import tiny_qwen3, token_batch
+from .support.models import tiny_qwen3, token_batch
 
 peft = pytest.importorskip("peft")
 

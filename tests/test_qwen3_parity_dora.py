@@ -5,7 +5,7 @@ import torch
 
 import lora_lite as ll
 
-from .models import tiny_qwen3, token_batch
+from .support.models import tiny_qwen3, token_batch
 
 pytest.importorskip("lora_lite_dora")
 peft = pytest.importorskip("peft")

@@ -25,7 +25,7 @@ import lora_lite as ll
 from lora_lite import plugins
 from lora_lite.testing import ToyTransformer, assert_model_unchanged, snapshot_model
 
-from .reliability_variants import DenseThenQuantized, ToyCalibrated, TwoScaled, register_toys, unregister_toys
+from .support.reliability_variants import DenseThenQuantized, ToyCalibrated, TwoScaled, register_toys, unregister_toys
 
 
 def toy(n_layers: int = 2) -> nn.Module:

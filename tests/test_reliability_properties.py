@@ -22,7 +22,7 @@ from torch import nn
 import lora_lite as ll
 from lora_lite.testing import IDENTITY_ATOL, assert_model_unchanged, snapshot_model
 
-from .kit_settings import KIT_SETTINGS, calibration_for
+from .support.kits import calibration_for, config_kwargs
 
 # the drawn widths are 2..12: RoAd's groups must divide d_out, so use its smallest group
 PROPERTY_KNOBS = {"road": {"group_size": 2}}
@@ -87,7 +87,7 @@ def examples(draw) -> Example:
 def attach(variant: str, ex: Example, model: nn.Module) -> ll.Attachment:
     """Attach ``variant``; discard the example if the variant refuses it (after checking it left no trace)."""
     kwargs = {"r": ex.r, "alpha": 2.0 * ex.r, "dtype": ex.adapter_dtype,
-              **KIT_SETTINGS.get(variant, {}).get("config_kwargs", {}), **PROPERTY_KNOBS.get(variant, {})}
+              **config_kwargs(variant), **PROPERTY_KNOBS.get(variant, {})}
     cfg = ll.LoraLiteConfig(variant=variant, **kwargs)
     before = snapshot_model(model, ex.batch())
     try:

@@ -394,8 +394,11 @@ def leaderboard(runs: list[dict[str, Any]], seeds: int) -> list[dict[str, Any]]:
         best_lr = min(sweep, key=lambda r: r["val_loss"])["lr"]
         chosen = [r for r in mine if r["lr"] == best_lr]
         losses = [r["test_loss"] for r in chosen]
+        swept = sorted(r["lr"] for r in sweep)
         rows.append({
             "variant": variant, "params": chosen[0]["params"], "size": chosen[0]["size"], "best_lr": best_lr,
+            # the best rate sits at an end of the grid: a wider sweep might find a better one
+            "lr_at_edge": len(swept) > 1 and best_lr in (swept[0], swept[-1]),
             "seeds": len(chosen), "eval_loss_mean": statistics.fmean(losses),
             "eval_loss_std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
             "eval_acc_mean": statistics.fmean(r["test_acc"] for r in chosen),
@@ -413,7 +416,7 @@ def leaderboard(runs: list[dict[str, Any]], seeds: int) -> list[dict[str, Any]]:
 
 # -- outputs -------------------------------------------------------------------------------
 
-COLUMNS = ("variant", "params", "best_lr", "seeds", "eval_loss_mean", "eval_loss_std", "eval_acc_mean",
+COLUMNS = ("variant", "params", "best_lr", "lr_at_edge", "seeds", "eval_loss_mean", "eval_loss_std", "eval_acc_mean",
            "forgetting_mean", "step_time_ms", "peak_mem_mib", "within_noise")
 
 
@@ -426,7 +429,7 @@ def markdown(report: CompareReport) -> str:
     for i, r in enumerate(report.leaderboard, 1):
         mark = " (within noise of #1)" if r["within_noise"] and i > 1 else ""
         lines.append(
-            f"| {i} | {r['variant']} | {r['params']:,} | {r['best_lr']:g} | {r['eval_loss_mean']:.4f} +- "
+            f"| {i} | {r['variant']} | {r['params']:,} | {r['best_lr']:g}{' (edge)' if r['lr_at_edge'] else ''} | {r['eval_loss_mean']:.4f} +- "
             f"{r['eval_loss_std']:.4f}{mark} | {r['eval_acc_mean']:.3f} | {r['forgetting_mean']:+.4f} | "
             f"{r['step_time_ms']:.1f} | {r['peak_mem_mib']:.0f} |"
         )
@@ -435,7 +438,8 @@ def markdown(report: CompareReport) -> str:
     head = (f"Model `{s.model}`, data `{s.data}` ({report.data_tokens:,} tokens: 80/10/10 train/validation/test), "
             f"targets {list(s.targets) or 'every linear layer'}, {s.steps} AdamW steps of {s.batch_size} x "
             f"{s.seq_len} tokens, {s.seeds} seed(s) at each variant's best LR (picked on validation), "
-            f"budget {s.budget or 'none'}, on {s.device}.")
+            f"budget {s.budget or 'none'}, on {s.device}. (edge): the best rate is an end of the variant's grid; "
+            f"widen --lrs to be sure.")
     return head + "\n\n" + "\n".join(lines) + "\n"
 
 

@@ -25,19 +25,15 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..checkpoint import load, save
+from .. import checks
 from ..config import LoraLiteConfig
 from ..errors import LoraLiteError, MissingDependencyError
 from ..integrations.hf import EMBEDDED_MODEL
 from ..plugins import get_variant
-from ..runtime import Attachment, attach
 
 # default targets: layer 0 q_proj and v_proj, as in the original README's Qwen3-0.6B probe
 DEFAULT_TARGET_NAMES = (r"\.q_proj$", r"\.v_proj$")
 DEFAULT_LAYERS = (0,)
-# identity and reload tolerance (max |logit difference|) by compute dtype
-LOGIT_ATOL = {torch.float32: 1e-5, torch.float64: 1e-9, torch.bfloat16: 5e-2, torch.float16: 1e-2}
-PERTURB_MIN = 1e-6
 PROMPT = "LoRA-lite probe: Paris is the capital of France. The answer is"
 
 COLUMNS = (
@@ -134,16 +130,32 @@ def config_for(variant: str, settings: ProbeSettings) -> LoraLiteConfig:
 
 
 def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
 
 
-def _loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model(**batch).loss
+def _lm_objective(model: nn.Module, batch: dict[str, torch.Tensor]):
+    return lambda m: m(**batch).loss
 
 
-def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
+def subject_for(variant: str, make_base: Callable[[], nn.Module], batch: dict[str, torch.Tensor],
+                settings: ProbeSettings, workdir: Path) -> checks.Subject:
+    """The probe's causal LM, batch and settings as a :class:`lora_lite.checks.Subject`."""
+
+    def make_model() -> nn.Module:
+        return make_base().to(settings.device).eval()
+
+    def make_config(**overrides: Any) -> LoraLiteConfig:
+        cfg = config_for(variant, settings)
+        return dataclasses.replace(cfg, **overrides)
+
+    # data-calibrated variants (group_init) calibrate on the probe's own batch
+    calibrated = get_variant(variant).hook("group_init") is not None
+    return checks.Subject(
+        variant=variant, make_model=make_model, make_batch=lambda model: batch, run=_logits,
+        objective=_lm_objective, make_config=make_config,
+        calibration=(lambda model: [batch]) if calibrated else (lambda model: None),
+        train_steps=settings.steps, train_lr=settings.lr, min_loss_drop=0.0, seed=settings.seed, workdir=workdir,
+    )
 
 
 def probe_variant(
@@ -154,111 +166,20 @@ def probe_variant(
     workdir: Path,
     on_step: Callable[[], None] = lambda: None,
 ) -> ProbeRow:
-    """Run every check on one variant; failures are collected in ``row.failures``, never raised."""
+    """Run :data:`lora_lite.checks.PROBE_CHECKS` on one variant; failures are collected in
+    ``row.failures``, never raised."""
     row = ProbeRow(variant)
     start = time.perf_counter()
-    try:
-        _run_checks(row, variant, make_base, batch, settings, workdir, on_step)
-    except LoraLiteError as err:
-        row.failures.append(f"{type(err).__name__}: {err}")
-    except Exception as err:  # a plugin bug must not take the other variants down
-        row.failures.append(f"unexpected {type(err).__name__}: {err}")
+    subject = subject_for(variant, make_base, batch, settings, workdir)
+    for check in checks.PROBE_CHECKS:  # training steps of the loss check drive the progress bar
+        measured, failed = checks.run_checks(
+            subject.with_(on_step=on_step) if check is checks.check_loss_drops else subject, [check])
+        for key, value in measured.items():
+            if hasattr(row, key):
+                setattr(row, key, value)
+        row.failures += [f"{name}: {msg}" for name, msg in failed.items()]
     row.seconds = time.perf_counter() - start
     return row
-
-
-def _run_checks(row, variant, make_base, batch, settings, workdir, on_step) -> None:
-    atol = LOGIT_ATOL[settings.torch_dtype]
-    model = make_base().to(settings.device)
-    model.eval()
-    base = _logits(model, batch)
-    torch.manual_seed(settings.seed)  # random adapter inits (kaiming A) are reproducible run to run
-    # data-calibrated variants (group_init) calibrate on the probe's own batch
-    calibration = [batch] if get_variant(variant).hook("group_init") is not None else None
-    att = attach(model, config_for(variant, settings), calibration_data=calibration)
-    row.targets = len(att.targets)
-    row.target_names = att.target_names
-    trainable = att.trainable_parameters()
-    row.trainable = sum(p.numel() for p in trainable)
-    if not trainable:
-        row.failures.append("no trainable adapter tensors")
-        return
-    leaked = [n for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n]
-    if leaked:
-        row.failures.append(f"base parameters are trainable: {leaked[:3]}")
-
-    init = _logits(model, batch)
-    row.identity_err = _max_abs(init, base)
-    if not row.identity_err <= atol:
-        row.failures.append(f"identity err {row.identity_err:.3g} > {atol:g}")
-
-    row.perturb_delta = _perturb_delta(model, att, batch, init, settings.seed)
-    if not row.perturb_delta > PERTURB_MIN:
-        row.failures.append(f"perturbing the adapter changed the logits by {row.perturb_delta:.3g}: hooks not live")
-
-    before = {k: v.detach().clone() for k, v in att.adapter_tensors().items()}
-    row.losses, row.grad_norm = _train(model, trainable, batch, settings, on_step)
-    row.loss0, row.lossN = row.losses[0], row.losses[-1]
-    row.drop_pct = 100.0 * (row.loss0 - row.lossN) / row.loss0
-    if not row.grad_norm > 0 or not math.isfinite(row.grad_norm):
-        row.failures.append(f"first-step adapter grad norm is {row.grad_norm}")
-    base_grads = [n for n, p in model.named_parameters() if ".lora_" not in n and p.grad is not None]
-    if base_grads:
-        row.failures.append(f"base parameters received gradients: {base_grads[:3]}")
-    if not row.lossN < row.loss0:
-        row.failures.append(f"loss did not drop ({row.loss0:.4g} -> {row.lossN:.4g})")
-    after = att.adapter_tensors()
-    row.adapter_delta = sum((after[k].detach().float() - before[k].float()).norm().item() for k in before)
-    frozen = [k for k, p in after.items() if p.requires_grad and torch.equal(p.detach(), before[k])]
-    if frozen:
-        row.failures.append(f"trainable tensors did not move: {frozen[:3]}")
-
-    trained = _logits(model, batch)
-    path = save(model, workdir / f"{variant}.safetensors")
-    del model, att
-    fresh = make_base().to(settings.device)
-    fresh.eval()
-    load(fresh, path)
-    row.reload_err = _max_abs(_logits(fresh, batch), trained)
-    if not row.reload_err <= atol:
-        row.failures.append(f"reload err {row.reload_err:.3g} > {atol:g}")
-
-
-def _perturb_delta(model, att: Attachment, batch, init: torch.Tensor, seed: int) -> float:
-    """Max logit change after nudging every trainable adapter tensor; tensors are restored."""
-    tensors = {k: p for k, p in att.adapter_tensors().items() if p.requires_grad}
-    saved = {k: p.detach().clone() for k, p in tensors.items()}
-    g = torch.Generator().manual_seed(seed + 7)
-    with torch.no_grad():
-        for p in tensors.values():
-            noise = torch.randn(p.shape, generator=g).to(p.device, p.dtype)
-            p.add_(noise * 0.1 * (p.detach().float().abs().mean().item() + 0.1))
-    delta = _max_abs(_logits(model, batch), init)
-    with torch.no_grad():
-        for k, p in tensors.items():
-            p.copy_(saved[k])
-    return delta
-
-
-def _train(model, params, batch, settings: ProbeSettings, on_step) -> tuple[list[float], float]:
-    """AdamW on the fixed batch; returns the loss before each step plus after the last, and the first grad norm."""
-    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-    model.train()
-    losses, first_grad = [], math.nan
-    for step in range(settings.steps):
-        loss = _loss(model, batch)
-        opt.zero_grad()
-        loss.backward()
-        if step == 0:
-            grads = [p.grad.detach().float() for p in params if p.grad is not None]
-            first_grad = torch.cat([g.flatten() for g in grads]).norm().item() if grads else 0.0
-        opt.step()
-        losses.append(loss.item())
-        on_step()
-    model.eval()
-    with torch.no_grad():
-        losses.append(_loss(model, batch).item())
-    return losses, first_grad
 
 
 @dataclass

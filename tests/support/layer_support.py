@@ -1,14 +1,14 @@
 """The variant x layer-kind support matrix, measured, and its markdown table.
 
 Every cell runs one variant on one layer kind and either proves the contract (attach,
-identity at init, a non-zero gradient on every trainable adapter tensor, loss drops,
+identity at init, a finite non-zero gradient on every trainable adapter tensor, loss drops,
 save/load exact into a fresh model and after detach) or records the typed
 ``LoraLiteError`` the variant raised at attach, with the model left untouched. Anything
 else (a crash, a failed check) is an error, never a table entry. ``tests/test_layers_matrix.py``
 runs the cells; ``docs/layers.md`` holds the rendered table and a test fails when it is
 stale. Regenerate it with::
 
-    python -m tests.layer_support --write
+    python -m tests.support.layer_support --write
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ import torch
 import lora_lite as ll
 
 from .models import bnb_qwen3, tiny_gpt2, tiny_qwen3
-from .test_every_variant import Qwen3Kit, kit_for
+from lora_lite import checks
+
+from .kits import Qwen3Models, kit_for
 
 # column -> (architecture, bnb setting or None)
 KINDS = {
@@ -38,7 +40,7 @@ KINDS = {
 # rows beyond one per installed variant: opt-in knobs whose behaviour differs by layer kind
 EXTRA_ROWS = {"pissa": [{"quantized": "requantize"}]}
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "layers.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "layers.md"
 BEGIN, END = "<!-- support-table:begin -->", "<!-- support-table:end -->"
 
 
@@ -49,7 +51,7 @@ def make_model(kind: str, seed: int = 0) -> torch.nn.Module:
     return bnb_qwen3(setting, seed) if setting else tiny_qwen3(seed)
 
 
-class LayerKindKit(Qwen3Kit):
+class LayerKindKit(Qwen3Models):
     """The conformance kit on a model whose target layers are of one kind."""
 
     kind = "Linear"
@@ -93,24 +95,15 @@ def _outputs(kit, model, batch) -> torch.Tensor:
         return kit.run_model(model, batch).detach().clone()
 
 
-def _every_trainable_tensor_gets_a_gradient(kit) -> None:
-    model = kit.make_model()
-    batch = kit.make_batch(model)
-    att = kit.attach(model)
-    kit.train(model, batch, steps=2, lr=kit.train_lr)
-    model.zero_grad(set_to_none=True)
-    kit.loss_fn(model, batch, kit.regression_target(model, batch)).backward()
-    dead = [
-        name for name, p in att.adapter_tensors().items()
-        if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.abs().sum() > 0)
-    ]
-    assert not dead, f"adapter tensors without a finite non-zero gradient: {dead[:8]} ({len(dead)} in all)"
-
-
 def _quantization_error(kit, batch) -> float:
     """Output error of the quantized base model against its full-precision original."""
     fp = make_model("Linear", kit.seed)
     return (_outputs(kit, kit.make_model(), batch) - _outputs(kit, fp, batch)).abs().max().item()
+
+
+# after attach and identity (measured above, with the requantized case): the contract a "yes" cell proves
+CELL_CHECKS = (checks.check_gradients_finite_and_nonzero, checks.check_loss_drops,
+               checks.check_save_load_into_fresh_model_is_exact, checks.check_save_detach_load_same_model_is_exact)
 
 
 @functools.cache
@@ -139,11 +132,10 @@ def measure(variant: str, knobs_items: tuple[tuple[str, Any], ...], kind: str) -
         # W_res is requantized once more: its error is of the order of the base's own
         assert err <= 2 * bound, f"requantized identity error {err:.3e} exceeds 2x the model's quantization error {bound:.3e}"
         status, detail = "approx", f"{err:.1e}"
-    _every_trainable_tensor_gets_a_gradient(kit)
-    kit.test_loss_drops()
     with tempfile.TemporaryDirectory() as tmp:
-        kit.test_save_load_into_fresh_model_is_exact(Path(tmp))
-        kit.test_save_detach_load_same_model_is_exact(Path(tmp))
+        subject = kit.subject(Path(tmp))
+        for check in CELL_CHECKS:
+            check(subject)
     return Cell(status, detail)
 
 
