@@ -101,7 +101,7 @@ def test_save_merged_loads_with_plain_transformers_and_gives_the_adapted_logits(
 
 def test_merge_into_bnb_is_refused_by_default_dequantize_is_exact_requantize_reports(tmp_path):
     pytest.importorskip("bitsandbytes")
-    from .models import bnb_qwen3
+    from .support.models import bnb_qwen3
 
     model = bnb_qwen3("bnb-nf4")
     att = ll.attach(model, ll.LoraLiteConfig(variant="lora", r=4))

@@ -1,7 +1,7 @@
 """One rank of the distributed tests (not collected by pytest; ``test_dist_*`` launches it).
 
 It follows torchrun's contract (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the
-environment), so ``torchrun --nproc-per-node 2 tests/dist_worker.py ddp OUT`` runs it too.
+environment), so ``torchrun --nproc-per-node 2 tests/support/dist_worker.py ddp OUT`` runs it too.
 Usage: ``dist_worker.py {ddp|fsdp} OUT_DIR``. Every rank trains a LoRA adapter on its half
 of a fixed global batch, then writes what the test checks under OUT_DIR:
 ``rank{R}.safetensors`` (full adapter tensors as this rank sees them), ``adapter.safetensors``
