@@ -129,7 +129,7 @@ def test_quasi_givens_regularizer():
     assert model[0].lora_G.grad.abs().sum() > 0
     att.detach()
     ll.attach(model, ll.LoraLiteConfig(variant="goft", strict_oft=False, target_names=[r"^0$"]))
-    assert ll.regularization_loss(model) in (None, 0) or float(ll.regularization_loss(model)) == 0.0
+    assert float(ll.regularization_loss(model) or 0.0) == 0.0  # ortho_reg=0: no term
 
 
 def test_knobs_are_validated():
