@@ -1,0 +1,101 @@
+"""SHiRA: sparse high rank adapters (Bhardwaj et al. 2024, https://arxiv.org/abs/2406.13175).
+
+Each target trains ``k = r (d_in + d_out)`` values ``v`` (as many as a rank-r LoRA) at ``k``
+fixed entries ``(i_m, j_m)`` of the weight, a sparse mask chosen once; every other entry of
+the weight stays frozen::
+
+    dW = zeros(d_out, d_in);  dW[i_m, j_m] = v_m
+    y' = y + x dW^T      (= x (W + dW)^T + b, PEFT's form)
+
+``dW`` is sparse but not low rank: with a random mask it is full rank almost surely.
+
+Mask (``mask_type="random"``, PEFT's only built-in one): ``torch.randperm(d_out * d_in)`` on a
+CPU ``torch.Generator`` seeded with ``random_seed`` (``None``: a fresh generator's fixed
+default seed, as PEFT), first ``k`` flat positions; the values are ordered as PEFT's
+``torch.where(mask)``, i.e. the positions sorted row-major. The positions are stored as a
+persistent, non-trainable int64 tensor ``lora_index``, so a checkpoint reloads the mask it
+was trained with (no RNG state needed, and a mask edited by hand or by another rule is
+kept); ``init`` redraws the same positions at load and the saved ones are copied over them.
+
+Identity at init: ``v = 0`` (PEFT's ``init_weights=True``, its default), so ``dW = 0`` exactly.
+
+The hook scatters ``v`` into a dense ``(d_out, d_in)`` matrix in the input's dtype and adds
+``x dW^T`` (what PEFT does, minus its second copy of ``W``); a merge adds ``dW`` to the
+weight. ``alpha`` is not used: PEFT's ``scaling`` is fixed at 1 for training.
+
+Layers: any linear-like layer (``nn.Linear``, transformers ``Conv1D``, bitsandbytes 4/8-bit):
+the update is added to the base output and the weight is never read.
+
+Not implemented from PEFT: a user ``mask_fn`` set on the config object (a function is not
+part of a serialisable config; write a custom mask into ``lora_index`` after attach instead:
+it is saved with the checkpoint), ``set_scale`` (inference-time scaling; scale ``v``
+instead), ``fan_in_fan_out`` (the layer kind says how the weight is stored).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lora_lite as ll
+
+
+@dataclass
+class SHiRAConfig(ll.LoraLiteConfig):
+    variant: str = "shira"
+    mask_type: Literal["random"] = "random"
+    random_seed: int | None = None
+
+    def validate(self):
+        if self.random_seed is not None and self.random_seed < 0:
+            raise ll.ConfigError(f"shira random_seed must be None or >= 0 (a torch.Generator seed), got {self.random_seed}.")
+
+
+def random_mask(d_out: int, d_in: int, k: int, seed: int | None) -> torch.Tensor:
+    """PEFT's random mask as sorted flat positions: the first k of a seeded permutation."""
+    g = torch.Generator()
+    if seed is not None:
+        g.manual_seed(seed)
+    return torch.randperm(d_out * d_in, generator=g)[:k].sort().values
+
+
+def _delta(layer, d_out: int, d_in: int, dtype: torch.dtype) -> torch.Tensor:
+    values = layer.lora_shira_weight
+    if values.dtype != dtype:
+        values = values.to(dtype)
+    return values.new_zeros(d_out * d_in).index_put((layer.lora_index,), values).view(d_out, d_in)
+
+
+class SHiRA:
+    name = "shira"
+    additive = True  # y + delta(x): rows of a batch may use different attachments
+    config_class = SHiRAConfig
+
+    def param_specs(d_in, d_out, cfg):
+        k = cfg.r * (d_in + d_out)
+        if k > d_in * d_out:
+            raise ll.ConfigError(
+                f"shira r={cfg.r} gives r * (d_in + d_out) = {k} values, more than the {d_out} x {d_in} = "
+                f"{d_in * d_out} entries of a target's weight; lower r or narrow the targets."
+            )
+        return {
+            "lora_shira_weight": ll.ParamSpec((k,), init="zeros"),
+            # placeholder, replaced in init by the int64 positions (ParamSpec tensors are floating)
+            "lora_index": ll.ParamSpec((k,), init="empty", trainable=False),
+        }
+
+    def init(layer, cfg, targets):
+        t = next(t for t in targets if t.layer is layer)
+        idx = random_mask(t.d_out, t.d_in, layer.lora_shira_weight.numel(), cfg.random_seed)
+        layer.lora_index = nn.Parameter(idx.to(layer.lora_shira_weight.device), requires_grad=False)
+
+    def forward(layer, x, y):
+        return y + F.linear(x, _delta(layer, y.shape[-1], x.shape[-1], x.dtype))
+
+    def merge(layer, weight, bias):
+        # W' = W + dW: exactly what forward adds
+        return weight + _delta(layer, weight.shape[0], weight.shape[1], weight.dtype), bias
