@@ -97,6 +97,15 @@ PAIRINGS: dict[str, Pairing] = {p.name: p for p in [
     Pairing("oft", _peft("OFTConfig", r=0, oft_block_size=32), {"r": 0, "oft_block_size": 32}),
     Pairing("road", _peft("RoadConfig", variant="road_1", group_size=32), {"road_variant": "road_1", "group_size": 32}),
     Pairing("eva", _eva, {}, peft_calibrate=_eva_calibrate, calibrated=True),
+    Pairing("loha", _peft("LoHaConfig", r=R, alpha=ALPHA)),
+    Pairing("lokr", _peft("LoKrConfig", r=R, alpha=ALPHA)),
+    Pairing("hira", _peft("HiraConfig", r=R, hira_dropout=0.0)),
+    # PEFT on CPU runs boft_n_butterfly_factor=1 whatever the config: keep the bench at 1
+    Pairing("boft", _peft("BOFTConfig", boft_block_size=4, boft_block_num=0), {"boft_block_size": 4, "boft_block_num": 0}),
+    # PEFT's default init draws N(0, 1) coefficients: ask it for zeros, as lora-lite starts
+    Pairing("fourierft", _peft("FourierFTConfig", n_frequency=1000, scaling=150.0, init_weights=True),
+            {"n_frequency": 1000, "scaling": 150.0}),
+    Pairing("shira", _peft("ShiraConfig", r=R)),
 ]}
 
 

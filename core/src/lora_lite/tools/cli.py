@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 from importlib import import_module
@@ -83,7 +84,7 @@ def _cmd_variants(args: argparse.Namespace) -> int:
               for b in broken_plugins()]
     if args.json:
         print(json.dumps({"core_version": __version__, "variants": variants, "broken": broken}, indent=2))
-        return 0
+        return 1 if broken else 0
     print(f"lora-lite-core {__version__}: {len(variants)} variant(s) installed")
     if variants:
         _print_table(
@@ -97,6 +98,7 @@ def _cmd_variants(args: argparse.Namespace) -> int:
         print(f"\n{len(broken)} plugin(s) failed to load and were skipped:")
         for b in broken:
             print(f"  {b['name']} ({b['distribution']} {b['version']}): {b['error']}")
+        return 1  # scripts and CI notice a broken install
     return 0
 
 
@@ -293,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lora-lite: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `lora-lite variants | head`: the reader left, which is not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
+        return 0
 
 
 if __name__ == "__main__":

@@ -112,6 +112,8 @@ def householder_update(z: torch.Tensor, vecs: torch.Tensor, shift: torch.Tensor 
 
 class ETHER:
     name = "ether"
+    size_knob = None  # one (ETHER+: two) d-long vectors per side whatever nb is: the layer shapes fix the size
+    lrs = (3e-4, 1e-3, 3e-3, 1e-2)
     config_class = ETHERConfig
 
     def param_specs(d_in, d_out, cfg):

@@ -84,6 +84,8 @@ def stages(d: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 class GOFT:
     name = "goft"
+    size_knob = None  # d_in - 1 angles (+ d_in scales): the layer shapes fix the size
+    lrs = (3e-4, 1e-3, 3e-3, 1e-2)
     config_class = GOFTConfig
 
     def param_specs(d_in, d_out, cfg):

@@ -67,7 +67,7 @@ class LoRAXS:
     name = "lora_xs"
     additive = True  # y + delta(x): rows of a batch may use different attachments
     config_class = LoRAXSConfig
-    lrs = (1e-4, 3e-4, 1e-3, 3e-3)  # the official math runs train R at ~4e-3
+    lrs = (1e-3, 3e-3, 1e-2, 3e-2)  # r*r numbers per layer; the official runs train R at ~4e-3
 
     def param_specs(d_in, d_out, cfg):
         if cfg.r > min(d_in, d_out):
