@@ -26,6 +26,7 @@ import lora_lite as ll
 
 from .models import bnb_qwen3, tiny_gpt2, tiny_qwen3
 from lora_lite import checks
+from lora_lite.checks import same_bits
 
 from .kits import Qwen3Models, kit_for
 
@@ -76,13 +77,6 @@ def rows() -> list[tuple[str, dict[str, Any]]]:
 
 def row_label(variant: str, knobs: dict[str, Any]) -> str:
     return variant + "".join(f" ({k}={v!r})" for k, v in sorted(knobs.items()))
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bitwise equality (bnb can store 4-bit codes in a float dtype, where some bytes are NaNs)."""
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8)
-    )
 
 
 def same_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> bool:

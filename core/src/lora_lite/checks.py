@@ -173,17 +173,22 @@ def check_identity_with_bf16_adapter_storage(s: Subject) -> dict[str, float]:
     return {"identity_err_bf16": err}
 
 
+def perturb_adapter(att: Attachment, seed: int) -> None:
+    """Move every trainable adapter tensor by seeded noise of ~10% of its mean magnitude."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in att.trainable_parameters():
+            noise = torch.randn(p.shape, generator=g).to(p.device, p.dtype)
+            p.add_(noise * 0.1 * (p.detach().float().abs().mean().item() + 0.1))
+
+
 def check_hooks_are_live(s: Subject) -> dict[str, float]:
     """Nudging every trainable adapter tensor changes the outputs."""
     model = s.make_model()
     batch = s.make_batch(model)
     att = s.attach(model)
     before = s.outputs(model, batch)
-    g = torch.Generator().manual_seed(s.seed + 7)
-    with torch.no_grad():
-        for p in att.trainable_parameters():
-            noise = torch.randn(p.shape, generator=g).to(p.device, p.dtype)
-            p.add_(noise * 0.1 * (p.detach().float().abs().mean().item() + 0.1))
+    perturb_adapter(att, s.seed + 7)
     delta = _max_abs(s.outputs(model, batch), before)
     return _expect(delta > PERTURB_MIN, f"perturbing the adapter changed the outputs by {delta:.3g}: hooks not live",
                    {"perturb_delta": delta})
@@ -354,6 +359,64 @@ def check_attach_twice_raises(s: Subject) -> dict[str, float]:
     return {}
 
 
+def check_merge_equals_hooked(s: Subject) -> dict[str, float]:
+    """For a variant with a ``merge`` hook, on an adapter moved away from the identity:
+    merged outputs equal hooked ones (relative tolerance), the hooks stop contributing,
+    ``unmerge`` restores every tensor bit for bit and the hooked outputs exactly, and
+    ``merge_and_unload`` leaves no hooks and no ``lora_*`` tensors. A variant without a
+    merge hook passes with ``mergeable: 0``."""
+    from .merging import merge, merge_and_unload, unmerge
+
+    model = s.make_model()
+    batch = s.make_batch(model)
+    att = s.attach(model)
+    if not att.variant.mergeable:
+        return {"mergeable": 0}
+    base = s.outputs(model, batch)
+    perturb_adapter(att, s.seed + 11)
+    hooked = s.outputs(model, batch)
+    moved = _max_abs(hooked, base)
+    assert moved > PERTURB_MIN, f"the perturbed adapter changed nothing ({moved:.3g}): the check would be void"
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    merge(model)
+    merged = s.outputs(model, batch)
+    tol = s.atol(model) * max(hooked.abs().max().item(), 1.0)
+    err = _max_abs(merged, hooked)
+    measured = {"mergeable": 1, "merge_err": err}
+    _expect(err <= tol, f"merged outputs differ from hooked ones by {err:.3g} (> {tol:.3g})", measured)
+    perturb_adapter(att, s.seed + 12)
+    ghost = _max_abs(s.outputs(model, batch), merged)
+    _expect(ghost == 0, f"after merge the hooks still contribute: changing the adapter moved the outputs by {ghost:.3g}",
+            measured)
+    unmerge(model)
+    after = model.state_dict()
+    changed = [k for k, v in state.items() if k not in after or not same_bits(after[k], v)]
+    # the second perturbation moved the adapter tensors themselves: compare base tensors only
+    changed = [k for k in changed if ".lora_" not in k]
+    _expect(not changed and set(after) == set(state), f"unmerge did not restore the base tensors: {changed[:5]}",
+            measured)
+    with torch.no_grad():
+        for k, p in att.adapter_tensors().items():
+            if k in state:
+                p.copy_(state[k])
+    err_back = _max_abs(s.outputs(model, batch), hooked)
+    _expect(err_back == 0, f"after unmerge the hooked outputs differ by {err_back:.3g}", measured)
+    merge_and_unload(model)
+    left = [k for k in model.state_dict() if ".lora_" in k]
+    _expect(not left, f"merge_and_unload left adapter tensors: {left[:5]}", measured)
+    hooks = [n for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+    _expect(not hooks, f"merge_and_unload left hooks on {hooks[:5]}", measured)
+    err_unload = _max_abs(s.outputs(model, batch), merged)
+    return _expect(err_unload <= tol, f"after merge_and_unload outputs differ from merged ones by {err_unload:.3g}",
+                   {**measured, "unload_err": err_unload})
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit equality (bnb packs 4-bit codes into float storage, where some bytes read as NaN)."""
+    flat = lambda t: t.detach().contiguous().reshape(-1).view(torch.uint8)  # noqa: E731
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(flat(a), flat(b))
+
+
 def check_config_round_trips_through_dict(s: Subject) -> dict[str, float]:
     """``LoraLiteConfig.from_dict(cfg.to_dict())`` gives back an equal config of the same class."""
     cfg = s.make_config()
@@ -368,7 +431,7 @@ CHECKS: tuple[Callable[[Subject], dict[str, Any]], ...] = (
     check_every_trainable_tensor_moves, check_save_load_into_fresh_model_is_exact,
     check_save_detach_load_same_model_is_exact, check_state_dict_has_full_path_adapter_keys,
     check_missing_and_unexpected_keys_fail_loudly, check_detach_restores_outputs_and_requires_grad,
-    check_attach_twice_raises, check_config_round_trips_through_dict,
+    check_attach_twice_raises, check_config_round_trips_through_dict, check_merge_equals_hooked,
 )
 """Every check, in the order the kit runs them."""
 
@@ -404,6 +467,6 @@ def run_checks(subject: Subject, checks: Iterable[Callable[[Subject], dict[str, 
     return measured, failures
 
 
-__all__ = ["CHECKS", "CheckFailed", "IDENTITY_ATOL", "PERTURB_MIN", "PROBE_CHECKS", "Subject", "check_name", "run_checks"] + [
+__all__ = ["CHECKS", "CheckFailed", "perturb_adapter", "same_bits", "IDENTITY_ATOL", "PERTURB_MIN", "PROBE_CHECKS", "Subject", "check_name", "run_checks"] + [
     c.__name__ for c in CHECKS
 ]
