@@ -23,7 +23,8 @@ QWEN_CHECKS = (
     checks.check_identity_at_init, checks.check_hooks_are_live, checks.check_only_adapter_tensors_get_gradients,
     checks.check_loss_drops, checks.check_save_load_into_fresh_model_is_exact,
     checks.check_save_detach_load_same_model_is_exact, checks.check_detach_restores_outputs_and_requires_grad,
-    checks.check_every_trainable_tensor_moves,
+    checks.check_every_trainable_tensor_moves, checks.check_stacking_set_active_and_save_load,
+    checks.check_mixed_batch_rows,
 )
 
 

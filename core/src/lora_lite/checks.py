@@ -411,6 +411,92 @@ def check_merge_equals_hooked(s: Subject) -> dict[str, float]:
                    {**measured, "unload_err": err_unload})
 
 
+def check_stacking_set_active_and_save_load(s: Subject) -> dict[str, float]:
+    """Two named attachments of the variant stacked on the same targets: switching with
+    ``set_active`` and back is exact and keeps the same tensor objects; saving both and
+    loading them into a fresh base reproduces the stacked outputs exactly; detaching the
+    second leaves exactly the model with the first alone (as loading the first alone into a
+    fresh base gives); for additive variants the first alone also equals the stack with the
+    second switched off."""
+    from .runtime import set_active
+
+    model = s.make_model()
+    batch = s.make_batch(model)
+    cfg = s.make_config()
+    torch.manual_seed(s.seed)
+    a = attach(model, cfg, name="a", calibration_data=s.calibration(model))
+    perturb_adapter(a, s.seed + 21)
+    torch.manual_seed(s.seed + 1)
+    b = attach(model, cfg, name="b", calibration_data=s.calibration(model))
+    perturb_adapter(b, s.seed + 22)
+    both = s.outputs(model, batch)
+    ids = {k: id(v) for k, v in {**a.adapter_tensors(), **b.adapter_tensors()}.items()}
+    set_active(model, ["a"])
+    only_a = s.outputs(model, batch)
+    set_active(model, ["a", "b"])
+    err_switch = _max_abs(s.outputs(model, batch), both)
+    measured = {"stack_switch_err": err_switch}
+    _expect(err_switch == 0, f"set_active away and back changed the outputs by {err_switch:.3g}", measured)
+    same = {k: id(v) for k, v in {**a.adapter_tensors(), **b.adapter_tensors()}.items()}
+    _expect(same == ids, "set_active re-created adapter tensors (optimizer state would be lost)", measured)
+    path = save(model, s.path("stack.safetensors"))
+    fresh = s.make_model()
+    loaded = load(fresh, path)
+    _expect([x.name for x in loaded] == ["a", "b"], f"loaded names {[x.name for x in loaded]}, expected ['a', 'b']",
+            measured)
+    err_load = _max_abs(s.outputs(fresh, batch), both)
+    measured["stack_reload_err"] = err_load
+    _expect(err_load == 0, f"the reloaded stack differs from the saved one by {err_load:.3g}", measured)
+    alone_path = save(model, s.path("stack-a.safetensors"), names=["a"])
+    alone = s.make_model()
+    load(alone, alone_path)
+    a_alone = s.outputs(alone, batch)
+    if a.variant.additive:
+        err_active = _max_abs(only_a, a_alone)
+        measured["stack_active_err"] = err_active
+        _expect(err_active == 0, f"with 'b' switched off the stack differs from 'a' alone by {err_active:.3g}", measured)
+    b.detach()
+    err_detach = _max_abs(s.outputs(model, batch), a_alone)
+    measured["stack_detach_err"] = err_detach
+    return _expect(err_detach == 0, f"detaching 'b' left a model that differs from 'a' alone by {err_detach:.3g}",
+                   measured)
+
+
+def check_mixed_batch_rows(s: Subject) -> dict[str, float]:
+    """For an additive variant: inside ``adapter_batch(model, ids)`` row i of the output
+    equals what attachment ``ids[i]`` alone gives (``None``: the base), with two named
+    attachments. Other variants pass with ``additive: 0``."""
+    from .runtime import adapter_batch, set_active
+
+    model = s.make_model()
+    batch = s.make_batch(model)
+    cfg = s.make_config()
+    torch.manual_seed(s.seed)
+    a = attach(model, cfg, name="a", calibration_data=s.calibration(model))
+    if not a.variant.additive:
+        return {"additive": 0}
+    perturb_adapter(a, s.seed + 31)
+    torch.manual_seed(s.seed + 1)
+    b = attach(model, cfg, name="b", calibration_data=s.calibration(model))
+    perturb_adapter(b, s.seed + 32)
+    alone = {}
+    for name in ("a", "b"):
+        set_active(model, [name])
+        alone[name] = s.outputs(model, batch)
+    set_active(model, [])
+    alone[None] = s.outputs(model, batch)
+    set_active(model, ["a", "b"])
+    rows = alone["a"].shape[0]
+    ids = [("a", None, "b")[i % 3] for i in range(rows)]
+    with adapter_batch(model, ids):
+        mixed = s.outputs(model, batch)
+    tol = s.atol(model) * max(mixed.abs().max().item(), 1.0)
+    errs = [_max_abs(mixed[i], alone[name][i]) for i, name in enumerate(ids)]
+    worst = max(errs)
+    return _expect(worst <= tol, f"mixed-batch rows differ from each attachment alone by up to {worst:.3g} "
+                   f"(rows {ids})", {"additive": 1, "mixed_batch_err": worst})
+
+
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit equality (bnb packs 4-bit codes into float storage, where some bytes read as NaN)."""
     flat = lambda t: t.detach().contiguous().reshape(-1).view(torch.uint8)  # noqa: E731
@@ -432,6 +518,7 @@ CHECKS: tuple[Callable[[Subject], dict[str, Any]], ...] = (
     check_save_detach_load_same_model_is_exact, check_state_dict_has_full_path_adapter_keys,
     check_missing_and_unexpected_keys_fail_loudly, check_detach_restores_outputs_and_requires_grad,
     check_attach_twice_raises, check_config_round_trips_through_dict, check_merge_equals_hooked,
+    check_stacking_set_active_and_save_load, check_mixed_batch_rows,
 )
 """Every check, in the order the kit runs them."""
 

@@ -95,8 +95,9 @@ def group_init(model, targets, cfg, calibration_data):
     ``calibration_data`` (possibly ``None``: raise :class:`lora_lite.CalibrationError`
     if the variant cannot work without data). Never called at ``load``: everything
     calibration chose must live in persistent ``lora_*`` tensors so that a checkpoint
-    reloads without data. Run the model on the data with temporary hooks, remove them,
-    then write the tensors. ``init`` has already run for every target, so a variant
+    reloads without data. Run the model on the data with temporary hooks on each
+    ``target.host`` (the module the model calls, also when the attachment is stacked on a
+    layer that has another), remove them, then write the tensors. ``init`` has already run for every target, so a variant
     that both calibrates and rewrites base weights rewrites them here, after
     calibrating, never in ``init``. Core has already refused empty data and NaN/inf in
     floating tensors (:class:`lora_lite.CalibrationError`); raise it yourself for

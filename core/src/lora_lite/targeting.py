@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import LoraLiteConfig
 from .errors import TargetingError
-from .weights import _HOST_ATTR, features, is_linear_like, layer_kind
+from .weights import _HOST_ATTR, features, host_layer, is_linear_like, layer_kind
 
 _BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layers|h|layer|block|blocks)\.(\d+)(?:\.|$)")
 
@@ -33,6 +33,13 @@ class Target:
     d_in: int
     d_out: int
     block: int | None
+
+    @property
+    def host(self) -> nn.Module:
+        """The module the model actually calls: ``layer`` itself, or, when this attachment is
+        stacked on a layer that already has one, the layer its adapter slot sits on. Register
+        temporary hooks (calibration) here, not on ``layer``."""
+        return host_layer(self.layer)
 
 
 def block_index(name: str) -> int | None:

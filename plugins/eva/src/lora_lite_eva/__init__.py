@@ -112,7 +112,7 @@ def principal_components(model, targets, cfg, calibration_data) -> dict[str, tor
         calibration_data = [calibration_data]
     moments = {t.name: _Moments() for t in targets}
     batch_mask = [None]
-    handles = [t.layer.register_forward_pre_hook(_capture(t.name, moments[t.name], batch_mask)) for t in targets]
+    handles = [t.host.register_forward_pre_hook(_capture(t.name, moments[t.name], batch_mask)) for t in targets]
     # restore every module's own mode afterwards, not just the root's: a model may mix
     # them (bnb 8-bit layers compute differently in train and eval mode)
     modes, seen = [(m, m.training) for m in model.modules()], 0
