@@ -398,7 +398,7 @@ def leaderboard(runs: list[dict[str, Any]], seeds: int) -> list[dict[str, Any]]:
         rows.append({
             "variant": variant, "params": chosen[0]["params"], "size": chosen[0]["size"], "best_lr": best_lr,
             # the best rate sits at an end of the grid: a wider sweep might find a better one
-            "lr_at_edge": len(swept) > 1 and best_lr in (swept[0], swept[-1]),
+            "lr_at_edge": len(swept) > 2 and best_lr in (swept[0], swept[-1]),
             "seeds": len(chosen), "eval_loss_mean": statistics.fmean(losses),
             "eval_loss_std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
             "eval_acc_mean": statistics.fmean(r["test_acc"] for r in chosen),
