@@ -41,3 +41,23 @@ def test_bench_quick_writes_results_with_equal_param_counts(tmp_path):
     for row in res["memory"]:
         # the adapter adds tensors on top of the frozen base, never fewer
         assert row["peak_bytes"]["lite"] > row["peak_bytes"]["base"] > 0
+
+
+def test_gpu_script_dry_run_on_cpu(tmp_path):
+    """bench/gpu.py --dry: every section runs on the CPU at tiny shapes, so the GPU script
+    cannot rot between the runs on a lent GPU. Contract failures are real failures."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    cmd = [sys.executable, "-m", "bench.gpu", "--dry", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "gpu.json").read_text())
+    assert res["dry"] is True and res["device"] == "cpu"
+    failed = [(r["variant"], r["dtype"], r["failures"]) for r in res["contract"] if r["failures"]]
+    assert not failed, failed
+    assert {r["dtype"] for r in res["contract"]} == {"float32", "bfloat16"}
+    assert all(not r.get("failures") for r in res["bnb"]), res["bnb"]
+    assert [r["variant"] for r in res["models"]] == ["lora", "dora", "pissa"]
+    assert all(isinstance(r["compiled_over_eager"], float) for r in res["models"]), res["models"]
+    assert res["merged"]["merged_over_base"] > 0
+    assert (tmp_path / "gpu.md").read_text().startswith("# lora-lite GPU readiness")
