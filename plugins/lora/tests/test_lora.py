@@ -184,8 +184,8 @@ def _copy_into_peft(att, theirs, perturb=True):
     with torch.no_grad():
         for t in att.targets:
             peft_layer = theirs.get_submodule("base_model.model." + t.name)
-            if perturb:
-                t.layer.lora_B.normal_()
+            if perturb:  # as training would; std 0.1 keeps outputs O(1), where 1e-5 is ~30x fp32 rounding
+                t.layer.lora_B.normal_(std=0.1)
             peft_layer.lora_A["default"].weight.copy_(t.layer.lora_A)
             peft_layer.lora_B["default"].weight.copy_(t.layer.lora_B)
 
