@@ -221,6 +221,8 @@ class LoRAGA:
     name = "lora_ga"
     config_class = LoRAGAConfig
     additive = True  # y + delta(x): rows of a batch may use different attachments
+    size_knob = "r"
+    lrs = (3e-5, 1e-4, 3e-4, 1e-3)  # starts on the gradient's directions: LoRA's grid, one step lower
 
     def param_specs(d_in, d_out, cfg):
         if 2 * cfg.r > min(d_in, d_out):
