@@ -14,8 +14,11 @@ against the original weight); export and import read that declaration.
 Anything that would change the math (another variant, ``rank_pattern``, a trained bias,
 ``modules_to_save``, a base-mutating init, missing or extra tensors) raises
 :class:`~lora_lite.errors.PeftInteropError` before a file is written or the model touched;
-PEFT itself only warns on missing keys. ``lora_dropout`` is accepted and not modelled:
-dropout is a training regulariser, not part of the adapter's function.
+PEFT itself only warns on missing keys. ``lora_dropout`` (a training regulariser, not
+part of the adapter's function) and ``use_rslora`` are written and read by a variant whose
+format maps them to its knobs (``config_of`` / ``knobs_of``: the ``lora`` plugin's
+``dropout`` and ``use_rslora``); otherwise ``lora_dropout`` is accepted and not modelled and
+``use_rslora`` is folded into ``alpha``.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from torch import nn
 
 from ..checkpoint import _full_cpu, _is_sharded, _write_once, save
 from ..config import LoraLiteConfig
-from ..errors import NotAttachedError, PeftInteropError
+from ..errors import ConfigError, NotAttachedError, PeftInteropError
 from ..plugins import list_variants
 from ..runtime import Attachment, attach, attachments
 from ..targeting import block_index, linear_like_modules
@@ -62,12 +65,30 @@ class PeftFormat:
         variant PEFT stores differently (export only: such a format is never chosen on
         import); ``None`` copies the tensors as they are, both ways.
     :param peft_type: PEFT's ``peft_type`` (``"LORA"``).
+    :param config_of: ``cfg -> adapter_config.json entries`` that depend on the variant's
+        knobs (``{"use_rslora": cfg.use_rslora, "lora_dropout": cfg.dropout}``), written on
+        export after ``config``.
+    :param knobs_of: ``adapter_config.json -> LoraLiteConfig keyword arguments`` for import:
+        they override the ``r`` / ``alpha`` core derives (``use_rslora`` folded into
+        ``alpha``) and set the variant's knobs (``{"alpha": ..., "use_rslora": True}``).
+    :param importable: whether import may choose this format; ``None`` (default): only when
+        ``convert`` is ``None``. ``True`` for a variant whose ``convert`` rewrites only some
+        configurations (an init that changed the base weight) and whose files are otherwise
+        plain tensors.
     """
 
     keys: dict[str, str]
     config: dict[str, Any] = field(default_factory=dict)
     convert: Callable[[nn.Module, LoraLiteConfig, Tensors], tuple[Tensors, int, float]] | None = None
     peft_type: str = "LORA"
+    config_of: Callable[[LoraLiteConfig], dict[str, Any]] | None = None
+    knobs_of: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    importable: bool | None = None
+
+    @property
+    def reads(self) -> bool:
+        """Whether ``import_peft`` may read files with this format."""
+        return self.convert is None if self.importable is None else self.importable
 
 
 # PEFT's LoraConfig defaults for the entries a format may use to identify itself
@@ -181,6 +202,7 @@ def export_peft(
         "modules_to_save": None,
         "inference_mode": True,
         **fmt.config,
+        **(fmt.config_of(att.cfg) if fmt.config_of is not None else {}),
     }
     out = Path(directory)
 
@@ -291,7 +313,7 @@ def _importer(cfg: dict[str, Any], path: Path) -> tuple[str, PeftFormat]:
     found = []
     for info in list_variants():
         fmt = _format_of(info)
-        if fmt is None or fmt.convert is not None or fmt.peft_type != cfg.get("peft_type"):
+        if fmt is None or not fmt.reads or fmt.peft_type != cfg.get("peft_type"):
             continue
         if all(cfg.get(k, _LORA_DEFAULTS.get(k)) == v for k, v in fmt.config.items()):
             found.append((len(fmt.config), info.name, fmt))
@@ -376,7 +398,8 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, dtype: torch.
     Every tensor in the file must land on a target and every target must get its tensors;
     otherwise :class:`PeftInteropError` and the model is left as it was. ``dtype``: adapter
     storage dtype (default: the file's). ``use_rslora`` is folded into ``alpha``
-    (``alpha * sqrt(r)``) so the scaling is the same.
+    (``alpha * sqrt(r)``) so the scaling is the same, unless the format's ``knobs_of``
+    reads it (and ``lora_dropout``) into the variant's own knobs.
     """
     path = Path(directory)
     cfg, tensors = _read_peft_dir(path)
@@ -409,10 +432,16 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, dtype: torch.
     r = int(cfg["r"])
     alpha = float(cfg["lora_alpha"]) * (math.sqrt(r) if cfg.get("use_rslora") else 1.0)
     storage = dtype or next(iter(next(iter(by_module.values())).values())).dtype
-    config = LoraLiteConfig(
+    kwargs: dict[str, Any] = dict(
         variant=variant, r=r, alpha=alpha, dtype=storage, exclude_names=(),
         target_names=tuple(f"^{re.escape(m)}$" for m in sorted(by_module)),
     )
+    if fmt.knobs_of is not None:
+        kwargs.update(fmt.knobs_of(cfg))
+    try:
+        config = LoraLiteConfig(**kwargs)
+    except ConfigError as err:
+        raise PeftInteropError(f"{path}: adapter_config.json gives an invalid {variant} config: {err}") from err
     absent = sorted(set(by_module) - {n for n, _ in linear_like_modules(model)})
     if absent:
         raise PeftInteropError(f"{path}: {len(absent)} adapted module(s) are not linear layers of this model: {absent[:5]}.")

@@ -2,23 +2,60 @@
 
 Equation, for a frozen layer ``y = W x (+ b)``::
 
-    y' = y + (alpha / r) * B A x,     A: (r, d_in), B: (d_out, r)
+    y' = y + s B A drop(x),   s = alpha / r  (alpha / sqrt(r) with use_rslora),
+    A: (r, d_in), B: (d_out, r)
 
 Identity at init: ``A`` is kaiming-uniform (as ``nn.Linear`` and PEFT initialise it),
 ``B`` is zeros, so ``B A x = 0`` and ``y' = y`` exactly; the first gradient step moves
-``B`` (its gradient ``(alpha/r) * dy (A x)^T`` is non-zero), then ``A``.
+``B`` (its gradient ``s dy (A x)^T`` is non-zero), then ``A``.
 
-Layers: any linear-like layer. LoRA never reads the base weight, so quantized layers
-(bitsandbytes 4/8-bit) work as they are. Also, named by ``target_names``, ``nn.Embedding``
-and ``nn.Conv1d``/``nn.Conv2d`` as PEFT does them: an embedding's ``A`` (r, vocab) is a
-second lookup table (zeros at init, ``B`` normal: PEFT's choice), ``delta = s B A[:, x]``;
-a convolution's ``A`` is a conv with the layer's kernel, stride, padding and dilation into
-``r`` channels and ``B`` a 1x1 conv back, ``delta = s conv_B(conv_A(x))``. Every one of
-these is ``W + s B A`` on the layer's (d_out, d_in) weight view, which is what ``merge``
-writes. The linear path checks one dict entry more than before for these.
+Knobs (PEFT's ``LoraConfig`` names in brackets):
+
+- ``dropout`` (``lora_dropout``), in [0, 1): inverted dropout on the adapter's input only
+  (the base layer sees ``x`` unchanged), active only while the layer is in training mode.
+  With ``dropout == 0`` no dropout code is on the path at all (decided at attach). An
+  embedding's adapter has no dropout (its input is token ids; PEFT does not apply it either).
+- ``use_rslora`` (``use_rslora``): rank-stabilised scale ``alpha / sqrt(r)`` (Kalajdzievski
+  2023, https://arxiv.org/abs/2312.03732), so the update's size does not shrink as r grows.
+- ``init`` (``init_lora_weights``): ``"default"`` (kaiming-uniform A, zero B; PEFT's
+  ``True``), ``"gaussian"`` (A ~ N(0, 1/r^2), zero B; PEFT's ``"gaussian"``), ``"olora"``
+  (OLoRA, Büyükakyüz 2024, https://arxiv.org/abs/2406.01775: with the QR decomposition
+  ``W = Q R``, ``B = Q[:, :r]``, ``A = R[:r]`` and the base weight becomes
+  ``W_res = W - s B A``; identity at init ``W_res x + s B A x = W x`` holds to fp32
+  rounding). Both zero-B inits are exact identities.
+
+Layers: any linear-like layer. With ``init="default"``/``"gaussian"`` LoRA never reads the
+base weight, so quantized layers (bitsandbytes 4/8-bit) work as they are. ``init="olora"``
+reads and rewrites the weight through ``lora_lite.dense_weight`` /
+``lora_lite.replace_dense_weight`` (``detach`` restores the original storage bit for bit),
+needs ``r <= min(d_in, d_out)`` (``ConfigError``), and refuses quantized layers
+(``WeightAccessError``: ``W_res`` could only be stored requantized) and embeddings and
+convolutions (``ConfigError``). Also, named by ``target_names``, ``nn.Embedding`` and
+``nn.Conv1d``/``nn.Conv2d`` as PEFT does them: an embedding's ``A`` (r, vocab) is a second
+lookup table (zeros at init, ``B`` normal: PEFT's choice whatever ``init``),
+``delta = s B A[:, x]``; a convolution's ``A`` is a conv with the layer's kernel, stride,
+padding and dilation into ``r`` channels and ``B`` a 1x1 conv back,
+``delta = s conv_B(conv_A(drop(x)))``. Every one of these is ``W + s B A`` on the layer's
+(d_out, d_in) weight view, which is what ``merge`` writes (dropout is off in a merged model,
+as in eval mode).
+
+PEFT: ``export_peft`` writes ``use_rslora``, ``lora_dropout`` and ``init_lora_weights``
+from the knobs and ``import_peft`` reads them back. An OLoRA adapter is exported as PEFT
+exports one with ``path_initial_model_for_weight_conversion``: a rank-``2r`` LoRA against
+the original weight, ``[A; A0]``, ``[B, -B0]`` (``s B0 A0 = W - W_res``), which loads onto an
+unmodified base. Not implemented from PEFT's ``init_lora_weights``: ``"loftq"`` (it
+replaces the base weight by its NF4/int quantization, which needs PEFT's quantizer or
+bitsandbytes and a quantized base layout lora-lite does not write; quantize the model
+first and attach plain LoRA, or use PEFT's ``replace_lora_weights_loftq``), ``False``
+(random B: not an identity at init), and the data-driven or base-rewriting inits that
+have their own plugins (``"pissa"``: plugins/pissa, ``"eva"``: plugins/eva) or none yet
+(``"corda"``, ``"lora_ga"``, ``"orthogonal"``, ``"mica"``).
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +63,43 @@ import torch.nn.functional as F
 import lora_lite as ll
 
 _CONV = {"torch-conv1d": F.conv1d, "torch-conv2d": F.conv2d}
+INITS = ("default", "gaussian", "olora")
+
+
+@dataclass
+class LoRAConfig(ll.LoraLiteConfig):
+    """LoRA's knobs; see the module docstring. ``dropout`` in [0, 1), ``init`` one of
+    ``"default"``, ``"gaussian"``, ``"olora"``."""
+
+    variant: str = "lora"
+    dropout: float = 0.0
+    use_rslora: bool = False
+    init: str = "default"
+
+    def validate(self) -> None:
+        if not 0.0 <= self.dropout < 1.0:
+            raise ll.ConfigError(f"lora dropout must be in [0, 1), got {self.dropout}.")
+        if self.init == "loftq":
+            raise ll.ConfigError(
+                "lora init='loftq' is not implemented: LoftQ replaces the base weight by its quantization, which "
+                "needs a quantizer lora-lite does not ship. Quantize the model (bitsandbytes) and attach plain LoRA, "
+                f"or use PEFT for LoftQ. Implemented inits: {INITS}."
+            )
+        if self.init not in INITS:
+            raise ll.ConfigError(f"lora init must be one of {INITS}, got {self.init!r}.")
+
+
+def _gaussian(r: int):
+    def fill(t: torch.Tensor) -> None:
+        torch.nn.init.normal_(t, std=1 / r)  # PEFT's "gaussian": std 1/r, not 1/sqrt(r)
+
+    return fill
+
+
+def _linear_dropout(layer, x, y):
+    if layer.training:
+        x = F.dropout(x, layer.lora_p, True)
+    return ll.low_rank_update(x, layer.lora_A, layer.lora_B, layer.lora_scaling, y)
 
 
 def _embedding_delta(layer, x, y):
@@ -39,35 +113,115 @@ def _conv_delta(layer, x, y):
     return torch.add(y, conv(h, layer.lora_B.to(x.dtype)), alpha=layer.lora_scaling)
 
 
+def _conv_dropout_delta(layer, x, y):
+    if layer.training:
+        x = F.dropout(x, layer.lora_p, True)
+    return _conv_delta(layer, x, y)
+
+
+def _olora(layer, cfg, scale: float) -> None:
+    """A = R[:r], B = Q[:, :r] of W = Q R (PEFT's olora_init); the base keeps W - s B A."""
+    w = ll.dense_weight(layer)
+    q, rr = torch.linalg.qr(w.detach().float())
+    with torch.no_grad():
+        layer.lora_A.copy_(rr[: cfg.r])
+        layer.lora_B.copy_(q[:, : cfg.r])
+        # subtract what the stored (possibly bf16-rounded) factors add back
+        w_res = torch.addmm(w.detach().float(), layer.lora_B.float(), layer.lora_A.float(), alpha=-scale)
+    ll.replace_dense_weight(layer, w_res.to(w.dtype))
+
+
+def _whole(w: torch.Tensor) -> torch.Tensor:
+    """The full tensor in float64 on CPU (a sharded DTensor is gathered: every rank calls it)."""
+    w = w.full_tensor() if callable(getattr(w, "full_tensor", None)) else w
+    return w.detach().to("cpu", torch.float64)
+
+
+def _to_peft(layer, cfg, t):
+    """Export: the tensors as they are, except after ``init="olora"``: then the rank-2r LoRA
+    against the original weight, A' = [A; A0], B' = [B, -B0] with s B0 A0 = W - W_res (read
+    back from the weight the init replaced), and alpha' that keeps PEFT's scale at s."""
+    if cfg.init != "olora":
+        return t, cfg.r, cfg.alpha
+    s, r = layer.lora_scaling, cfg.r
+    u, sv, vh = torch.linalg.svd((_whole(ll.original_weight(layer)) - _whole(ll.dense_weight(layer))) / s,
+                                 full_matrices=False)
+    root = sv[:r].sqrt()
+    a0, b0 = (root[:, None] * vh[:r]).to(t["lora_A"].dtype), (u[:, :r] * root).to(t["lora_B"].dtype)
+    alpha = s * (math.sqrt(2 * r) if cfg.use_rslora else 2 * r)
+    return {"lora_A": torch.cat([t["lora_A"], a0]), "lora_B": torch.cat([t["lora_B"], -b0], dim=1)}, 2 * r, alpha
+
+
+def _peft_entries(cfg) -> dict:
+    return {"use_rslora": cfg.use_rslora, "lora_dropout": cfg.dropout,
+            "init_lora_weights": "gaussian" if cfg.init == "gaussian" else True}
+
+
+def _knobs(peft_cfg: dict) -> dict:
+    # base-rewriting inits were refused before this runs: the tensors are a plain LoRA
+    return {"alpha": float(peft_cfg["lora_alpha"]), "use_rslora": bool(peft_cfg.get("use_rslora", False)),
+            "dropout": float(peft_cfg.get("lora_dropout") or 0.0),
+            "init": "gaussian" if peft_cfg.get("init_lora_weights") == "gaussian" else "default"}
+
+
 class LoRA:
     name = "lora"
+    config_class = LoRAConfig
     layer_kinds = ("linear-like", "embedding", "torch-conv1d", "torch-conv2d")
     additive = True  # y + delta(x): rows of a batch may use different attachments
     # PEFT's LoRA is this equation term for term: both directions are exact
-    peft = ll.PeftFormat({"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}, {"use_dora": False})
+    peft = ll.PeftFormat(
+        {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}, {"use_dora": False},
+        convert=_to_peft, config_of=_peft_entries, knobs_of=_knobs, importable=True,
+    )
 
     def param_specs(d_in, d_out, cfg, target):
         kind = ll.kind_name(target.layer)
+        if cfg.init == "olora":
+            if kind in _CONV or kind == "embedding":
+                raise ll.ConfigError(f"lora init='olora' supports linear layers only; {target.name} is {kind}.")
+            if ll.is_quantized(target.layer):
+                raise ll.WeightAccessError(
+                    f"lora init='olora' rewrites the base weight of {target.name}, which is stored quantized; "
+                    "use init='default' on quantized layers or dequantize the model first."
+                )
+            if cfg.r > min(d_in, d_out):
+                raise ll.ConfigError(
+                    f"lora init='olora' needs r <= min(d_in, d_out); r={cfg.r} but {target.name} is "
+                    f"{d_in} -> {d_out}."
+                )
+            return {"lora_A": ll.ParamSpec((cfg.r, d_in), init="empty"),
+                    "lora_B": ll.ParamSpec((d_out, cfg.r), init="empty")}
+        a_init = _gaussian(cfg.r) if cfg.init == "gaussian" else "kaiming"
         if kind in _CONV:
             layer, ones = target.layer, (1,) * len(target.layer.kernel_size)
             return {
-                "lora_A": ll.ParamSpec((cfg.r, layer.in_channels, *layer.kernel_size), init="kaiming"),
+                "lora_A": ll.ParamSpec((cfg.r, layer.in_channels, *layer.kernel_size), init=a_init),
                 "lora_B": ll.ParamSpec((layer.out_channels, cfg.r, *ones), init="zeros"),
             }
         if kind == "embedding":
             return {"lora_A": ll.ParamSpec((cfg.r, d_in), init="zeros"), "lora_B": ll.ParamSpec((d_out, cfg.r), init="normal")}
         return {
-            "lora_A": ll.ParamSpec((cfg.r, d_in), init="kaiming"),
+            "lora_A": ll.ParamSpec((cfg.r, d_in), init=a_init),
             "lora_B": ll.ParamSpec((d_out, cfg.r), init="zeros"),
         }
 
     def init(layer, cfg):
-        layer.lora_scaling = cfg.alpha / cfg.r
+        scale = cfg.alpha / (math.sqrt(cfg.r) if cfg.use_rslora else cfg.r)
+        layer.lora_scaling = scale
         kind = ll.kind_name(layer)
+        # the hot path is chosen here, once: no dropout code runs when dropout == 0
         if kind in _CONV:
-            layer.lora_conv, layer.lora_op = _CONV[kind], _conv_delta
+            layer.lora_conv = _CONV[kind]
+            layer.lora_op = _conv_dropout_delta if cfg.dropout > 0 else _conv_delta
         elif kind == "embedding":
             layer.lora_op = _embedding_delta
+        elif cfg.dropout > 0:
+            layer.lora_op = _linear_dropout
+        if cfg.dropout > 0:
+            layer.lora_p = cfg.dropout
+        if cfg.init == "olora":
+            _olora(layer, cfg, scale)
 
     def forward(layer, x, y):
         op = layer.__dict__.get("lora_op")
@@ -76,6 +230,7 @@ class LoRA:
         return ll.low_rank_update(x, layer.lora_A, layer.lora_B, layer.lora_scaling, y)
 
     def merge(layer, weight, bias):
-        # W' = W + s B A on the (d_out, d_in) weight view (a conv's kernels flattened, an embedding's table^T)
+        # W' = W + s B A on the (d_out, d_in) weight view (a conv's kernels flattened, an embedding's table^T);
+        # with init="olora" W is already W_res. Dropout is off in a merged model (eval semantics).
         a, b = layer.lora_A.float(), layer.lora_B.float()
         return torch.addmm(weight, b.reshape(b.shape[0], -1), a.reshape(a.shape[0], -1), alpha=layer.lora_scaling), bias

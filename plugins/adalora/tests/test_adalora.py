@@ -1,0 +1,213 @@
+"""AdaLoRA: the shared contract, the SVD-form equation, the budget schedule, PEFT parity."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+import lora_lite as ll
+from lora_lite.testing import ToyTransformer, VariantConformance
+
+
+class TestAdaLoRAConformance(VariantConformance):
+    variant = "adalora"
+    config_kwargs = {"total_step": 20}
+
+
+NAMES = ["q_proj", "kv_mix", "down_proj", "up_proj"]
+
+
+def _cfg(**kw):
+    base = dict(variant="adalora", r=4, alpha=8, target_r=2, total_step=12, tinit=2, tfinal=3, deltaT=2,
+                target_names=[rf"\.{n}$" for n in NAMES])
+    return ll.LoraLiteConfig(**{**base, **kw})
+
+
+def test_equation_matches_the_paper():
+    torch.manual_seed(0)
+    layer = nn.Linear(12, 10)
+    ll.attach(nn.Sequential(layer), ll.LoraLiteConfig(variant="adalora", r=5, alpha=3.0))
+    with torch.no_grad():
+        for p in (layer.lora_A, layer.lora_E, layer.lora_B):
+            p.normal_()
+    x = torch.randn(3, 12, dtype=torch.float64)
+    p_, e, q = layer.lora_B.double(), layer.lora_E.double().view(-1), layer.lora_A.double()
+    delta = p_ @ torch.diag(e) @ q * (3.0 / (5 + 1e-5))
+    expected = x @ (layer.weight.double() + delta).T + layer.bias.double()
+    torch.testing.assert_close(layer(x.float()).double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_init_is_the_identity_with_small_singular_vectors():
+    torch.manual_seed(0)
+    model = ToyTransformer()
+    x = torch.randn(2, 3, 32)
+    base = model(x)
+    att = ll.attach(model, ll.LoraLiteConfig(variant="adalora", r=8))
+    assert torch.equal(model(x), base)
+    for t in att.targets:
+        assert torch.count_nonzero(t.layer.lora_E) == 0
+        for p in (t.layer.lora_A, t.layer.lora_B):
+            assert 0.015 < p.std().item() < 0.025
+        assert torch.equal(t.layer.lora_mask, torch.ones(8))
+    assert sum(p.numel() for p in att.trainable_parameters()) == sum(8 * (t.d_in + t.d_out + 1) for t in att.targets)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"target_r": 5}, "target_r"), ({"target_r": -1}, "target_r"), ({"deltaT": 0}, "deltaT"),
+    ({"beta1": 1.0}, "beta1"), ({"beta2": 0.0}, "beta2"), ({"orth_reg_weight": -0.1}, "orth_reg_weight"),
+    ({"total_step": 0}, "total_step"), ({"tinit": -1}, "tinit"),
+    ({"total_step": 10, "tinit": 5, "tfinal": 5}, "no step is left"),
+])
+def test_knobs_are_validated(kw, match):
+    with pytest.raises(ll.ConfigError, match=match):
+        ll.LoraLiteConfig(variant="adalora", r=4, **kw)
+
+
+def test_default_target_r_is_two_thirds_of_r():
+    assert ll.LoraLiteConfig(variant="adalora", r=12).final_r == 8
+    assert ll.LoraLiteConfig(variant="adalora", r=1).final_r == 1
+
+
+def test_step_needs_total_step_and_gradients():
+    model = ToyTransformer()
+    ll.attach(model, ll.LoraLiteConfig(variant="adalora", r=4))
+    with pytest.raises(ll.ConfigError, match="total_step"):
+        ll.step(model)
+    ll.detach(model)
+    ll.attach(model, ll.LoraLiteConfig(variant="adalora", r=4, total_step=5))
+    with pytest.raises(ll.LoraLiteError, match="gradient"):
+        ll.step(model)
+
+
+def _fake_grads(params, g):
+    """Identical, deterministic gradients and a plain SGD update: both sides see the same."""
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    with torch.no_grad():
+        for p in params:
+            p.sub_(0.05 * p.grad)
+
+
+def _ours_params(att):
+    return [p for t in att.targets for p in (t.layer.lora_A, t.layer.lora_E, t.layer.lora_B)]
+
+
+def test_schedule_reaches_the_target_budget_and_keeps_it():
+    torch.manual_seed(0)
+    model = ToyTransformer()
+    att = ll.attach(model, _cfg())
+    g = torch.Generator().manual_seed(3)
+    live = []
+    for _ in range(16):
+        _fake_grads(_ours_params(att), g)
+        ll.step(model)
+        live.append(int(sum(t.layer.lora_mask.sum() for t in att.targets)))
+    n = len(att.targets)
+    assert live[0] == 4 * n and live[-1] == 2 * n, live
+    assert live == sorted(live, reverse=True)
+    for t in att.targets:  # masked triplets stay at zero after the final allocation
+        dead = t.layer.lora_mask == 0
+        assert torch.count_nonzero(t.layer.lora_E[dead]) == 0
+    assert int(att.targets[0].layer.lora_step.item()) == 16
+
+
+def test_save_load_resumes_the_schedule_exactly(tmp_path):
+    def run(model, att, g, steps):
+        for _ in range(steps):
+            _fake_grads(_ours_params(att), g)
+            ll.step(model)
+
+    torch.manual_seed(0)
+    a = ToyTransformer()
+    att_a = ll.attach(a, _cfg())
+    run(a, att_a, torch.Generator().manual_seed(5), 5)
+    ll.save(a, tmp_path / "ada.safetensors")
+    torch.manual_seed(0)
+    b = ToyTransformer()
+    (att_b,) = ll.load(b, tmp_path / "ada.safetensors")
+    run(a, att_a, torch.Generator().manual_seed(6), 6)
+    run(b, att_b, torch.Generator().manual_seed(6), 6)
+    for k, v in att_a.adapter_tensors().items():
+        assert torch.equal(v, att_b.adapter_tensors()[k]), k
+
+
+# -- PEFT parity ------------------------------------------------------------------------------
+
+
+class _WithLoss(nn.Module):
+    """PEFT's AdaLoraModel adds the orthogonality penalty to ``outputs.loss``."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = ToyTransformer()
+
+    def forward(self, x):
+        out = self.net(x)
+        return SimpleNamespace(loss=out.pow(2).mean(), out=out)
+
+
+def _pair(**kw):
+    peft = pytest.importorskip("peft")
+    cfg = _cfg(**kw)
+    torch.manual_seed(0)
+    ours, theirs = _WithLoss(), _WithLoss()
+    theirs.load_state_dict(ours.state_dict())
+    pcfg = peft.AdaLoraConfig(init_r=cfg.r, target_r=cfg.final_r, lora_alpha=cfg.alpha, target_modules=NAMES,
+                              total_step=cfg.total_step, tinit=cfg.tinit, tfinal=cfg.tfinal, deltaT=cfg.deltaT,
+                              beta1=cfg.beta1, beta2=cfg.beta2, orth_reg_weight=cfg.orth_reg_weight, lora_dropout=0.0)
+    theirs = peft.get_peft_model(theirs, pcfg)
+    att = ll.attach(ours, cfg)
+    g = torch.Generator().manual_seed(1)
+    pairs = []
+    with torch.no_grad():
+        for t in att.targets:
+            mod = theirs.get_submodule("base_model.model." + t.name)
+            for x in ("A", "E", "B"):
+                mine, peer = getattr(t.layer, f"lora_{x}"), getattr(mod, f"lora_{x}")["default"]
+                mine.copy_(torch.randn(mine.shape, generator=g) * 0.3)
+                peer.copy_(mine)
+                pairs.append((mine, peer))
+    return ours, theirs, att, pairs
+
+
+def test_outputs_and_orthogonality_penalty_match_peft():
+    ours, theirs, att, pairs = _pair()
+    assert len(att) == 8
+    n_theirs = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    assert n_theirs == sum(p.numel() for p in att.trainable_parameters())
+    x = torch.randn(2, 5, 32)
+    got, want = ours(x), theirs.base_model(x)  # AdaLoraModel.forward adds the penalty
+    err = (got.out - want.out).abs().max().item()
+    assert err <= 1e-5, err
+    reg = (want.loss - got.loss).item()  # PEFT's loss = base loss + penalty
+    torch.testing.assert_close(ll.regularization_loss(ours), torch.tensor(reg), atol=1e-5, rtol=1e-5)
+    merged = ll.merge_and_unload(ours)
+    assert (merged(x).out - want.out).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("kw", [{}, {"tinit": 0, "tfinal": 0, "deltaT": 1, "total_step": 10, "target_r": 1},
+                                {"beta1": 0.5, "beta2": 0.9, "deltaT": 3, "total_step": 15}])
+def test_rank_allocation_matches_peft_step_by_step(kw):
+    ours, theirs, att, pairs = _pair(**kw)
+    cfg = att.cfg
+    g = torch.Generator().manual_seed(2)
+    for i in range(cfg.total_step + 3):
+        grads = [torch.randn(m.shape, generator=g) for m, _ in pairs]
+        with torch.no_grad():
+            for (mine, peer), gr in zip(pairs, grads):
+                mine.grad, peer.grad = gr.clone(), gr.clone()
+                mine.sub_(0.05 * gr)
+                peer.sub_(0.05 * gr)
+        ll.step(ours)
+        theirs.base_model.update_and_allocate(i)
+        pattern = theirs.peft_config["default"].rank_pattern
+        for t in att.targets:
+            mod = theirs.get_submodule("base_model.model." + t.name)
+            assert torch.equal(t.layer.lora_E, mod.lora_E["default"]), (i, t.name)
+            if pattern is not None:
+                key = next(k for k in pattern if k == t.name + ".lora_E.default")
+                assert t.layer.lora_mask.bool().tolist() == pattern[key], (i, t.name)
+    assert pattern is not None
+    live = sum(sum(v) for v in pattern.values())
+    assert live == cfg.final_r * len(att) == int(sum(t.layer.lora_mask.sum() for t in att.targets))

@@ -1,0 +1,176 @@
+"""CorDA: context-oriented decomposition adaptation (Yang et al. 2024,
+https://arxiv.org/abs/2406.05223).
+
+LoRA initialised from an SVD of the weight multiplied by the covariance of the layer's
+inputs on calibration data, so the factors see which directions the task (or the
+knowledge to keep) actually uses. With ``C`` the input covariance of a target (the mean
+over calls of ``X^T X``, each call's inputs ``X`` divided by ``|max X|``, PEFT's
+normalisation), damped to ``C' = C + d * mean(diag C) * I`` (``d`` from 0.01, doubled until
+``||C' C'^-1 - I||_F < 0.05``)::
+
+    W C' = U S Vh,    V = (Vh C'^-1)^T       so that W = U S V^T exactly
+    ipm (instruction-previewed, default): the r largest triplets; kpm (knowledge-preserved): the r smallest
+    A0 = sqrt(S_r / s) V_r^T,   B0 = U_r sqrt(S_r / s),   s = alpha / r
+
+and the layer computes, with ``A``, ``B`` trainable from ``A0``, ``B0`` (frozen copies)::
+
+    y' = W x (+ b) + s (B A - B0 A0) x
+
+which is PEFT's ``W_res = W - s B0 A0`` plus ``s B A``, with the subtraction kept next to the
+adapter instead of written into ``W``: ``load`` copies the saved tensors after every
+attach-time hook has run, so a weight rewritten from calibrated factors could not be
+rebuilt bit-exactly without the data (see NOTES-corda.md for the core hook that would allow
+the rewrite). Cost: a second rank-r product per call. Gains: exact identity, exact reload
+without data, quantized layers.
+
+Identity at init: the hook subtracts two identical products, exactly zero, so ``y' = y``.
+
+Calibration (``group_init``): one no-grad pass per batch in eval mode (quantized layers keep
+their mode), forward hooks on the targets accumulate ``X^T X`` in float32 as PEFT does
+(``(tokens, d_in)``: every token of the call, padding included, as PEFT). Dicts are called as
+``model(**batch)``, tensors as ``model(batch)``.
+
+Layers: every linear-like kind whose weight ``lora_lite.dense_weight`` reads (``nn.Linear``,
+transformers ``Conv1D``, bitsandbytes 4/8-bit dequantized for the SVD); the weight is never
+written. Not implemented from PEFT: per-layer ``rank_pattern``, the covariance/cache files,
+``use_float16_for_covariance``, ``hooked_model``, and export to PEFT's format (PEFT keeps
+``W_res`` in the base model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+import lora_lite as ll
+from lora_lite.weights import host_layer
+
+
+@dataclass
+class CorDAConfig(ll.LoraLiteConfig):
+    variant: str = "corda"
+    corda_method: Literal["ipm", "kpm"] = "ipm"
+
+
+def _capture(name, acc):
+    def hook(module, args, output):
+        x = args[0].detach()
+        x = x.reshape(-1, x.shape[-1]).float()
+        peak = torch.max(x).abs()
+        if not torch.isfinite(x).all() or peak == 0:
+            raise ll.CalibrationError(f"corda: the inputs of {name} are not finite or all zero; check the data.")
+        x = x / peak
+        cov = x.T @ x
+        n, total = acc.get(name, (0, 0))
+        acc[name] = (n + 1, total + cov)
+
+    return hook
+
+
+def covariances(model, targets, calibration_data) -> dict[str, torch.Tensor]:
+    """``{target name: (d_in, d_in) float32 mean over calls of X^T X / max|X|^2}``."""
+    if calibration_data is None:
+        raise ll.CalibrationError(
+            "corda decomposes each weight against the covariance of its inputs and needs data: call "
+            "lora_lite.attach(model, cfg, calibration_data=batches) with batches of representative inputs."
+        )
+    if isinstance(calibration_data, (torch.Tensor, Mapping)):
+        calibration_data = [calibration_data]
+    acc = {}
+    handles = [host_layer(t.layer).register_forward_hook(_capture(t.name, acc)) for t in targets]
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    for module, mode in modes:  # bnb re-lays out quantized storage on a mode switch: leave those alone
+        kind = ll.layer_kind(module) if mode else None
+        if kind is not None and kind.quantized:
+            module.training = True
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for batch in calibration_data:
+                if isinstance(batch, Mapping):
+                    model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+                elif isinstance(batch, torch.Tensor):
+                    model(batch.to(device))
+                else:
+                    raise ll.CalibrationError(
+                        f"corda: a calibration batch is a {type(batch).__name__}; pass dicts of model inputs or tensors."
+                    )
+    finally:
+        for h in handles:
+            h.remove()
+        for module, mode in modes:
+            module.training = mode
+    missing = [t.name for t in targets if t.name not in acc]
+    if missing:
+        raise ll.CalibrationError(f"corda: the calibration data never reached {missing[:3]}; exclude them or use other data.")
+    return {name: total / n for name, (n, total) in acc.items()}
+
+
+def _decompose(w: torch.Tensor, cov: torch.Tensor):
+    """PEFT's collect_eigens_for_layer: U, S, V with W = U diag(S) V^T, from the SVD of W C'."""
+    eye = torch.eye(cov.shape[0], device=cov.device)
+    damp = 0.01
+    for _ in range(40):
+        fixed = cov + torch.diag(torch.ones(cov.shape[0], device=cov.device) * torch.mean(torch.diag(cov)) * damp)
+        inv = torch.linalg.inv(fixed)
+        if torch.dist(fixed @ inv, eye).item() < 0.05:
+            break
+        damp *= 2
+    else:
+        raise ll.CalibrationError("corda: the input covariance stays singular after damping; pass more varied data.")
+    u, s, vh = torch.linalg.svd(w @ fixed, full_matrices=False)
+    return u, s, (vh @ inv).T
+
+
+class CorDA:
+    name = "corda"
+    config_class = CorDAConfig
+    additive = True  # y + delta(x): rows of a batch may use different attachments
+    size_knob = "r"
+    lrs = (3e-5, 1e-4, 3e-4, 1e-3)  # the factors carry sqrt of W's top singular values (as PiSSA): small steps
+
+    def param_specs(d_in, d_out, cfg):
+        if cfg.r > min(d_in, d_out):
+            raise ll.ConfigError(
+                f"corda r={cfg.r} exceeds min(d_in, d_out)={min(d_in, d_out)} of a target; lower r or narrow the targets."
+            )
+        return {
+            "lora_A": ll.ParamSpec((cfg.r, d_in), init="zeros"),
+            "lora_B": ll.ParamSpec((d_out, cfg.r), init="zeros"),
+            "lora_A0": ll.ParamSpec((cfg.r, d_in), init="zeros", trainable=False),
+            "lora_B0": ll.ParamSpec((d_out, cfg.r), init="zeros", trainable=False),
+        }
+
+    def init(layer, cfg):
+        layer.lora_scaling = cfg.alpha / cfg.r
+
+    def group_init(model, targets, cfg, calibration_data):
+        covs = covariances(model, targets, calibration_data)
+        scale, r = cfg.alpha / cfg.r, cfg.r
+        with torch.no_grad():
+            for t in targets:
+                w = ll.dense_weight(t.layer).detach().to(torch.float32)
+                u, s, v = _decompose(w, covs[t.name].to(w.device))
+                keep = slice(0, r) if cfg.corda_method == "ipm" else slice(-r, None)
+                u, s, v = u[:, keep], s[keep] / scale, v[:, keep]
+                a, b = v.T.mul(s.sqrt().view(-1, 1)), u.mul(s.sqrt())
+                for name, value in (("lora_A", a), ("lora_A0", a), ("lora_B", b), ("lora_B0", b)):
+                    getattr(t.layer, name).copy_(value)
+
+    def forward(layer, x, y):
+        dt = x.dtype
+        a, b, a0, b0 = layer.lora_A, layer.lora_B, layer.lora_A0, layer.lora_B0
+        if a.dtype != dt:
+            a, b, a0, b0 = a.to(dt), b.to(dt), a0.to(dt), b0.to(dt)
+        delta = F.linear(F.linear(x, a), b) - F.linear(F.linear(x, a0), b0)
+        return torch.add(y, delta, alpha=layer.lora_scaling)
+
+    def merge(layer, weight, bias):
+        s = layer.lora_scaling
+        w = torch.addmm(weight, layer.lora_B.float(), layer.lora_A.float(), alpha=s)
+        return torch.addmm(w, layer.lora_B0.float(), layer.lora_A0.float(), alpha=-s), bias
