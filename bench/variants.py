@@ -106,6 +106,11 @@ PAIRINGS: dict[str, Pairing] = {p.name: p for p in [
     Pairing("fourierft", _peft("FourierFTConfig", n_frequency=1000, scaling=150.0, init_weights=True),
             {"n_frequency": 1000, "scaling": 150.0}),
     Pairing("shira", _peft("ShiraConfig", r=R)),
+    Pairing("miss", _peft("MissConfig", r=R)),
+    Pairing("gralora", _peft("GraloraConfig", r=R, alpha=ALPHA)),
+    # the bench loop calls neither ll.step nor update_and_allocate: both sides run as fixed-rank SVD-form LoRA
+    Pairing("adalora", _peft("AdaLoraConfig", init_r=R, target_r=max(1, 2 * R // 3), lora_alpha=2 * R,
+                             total_step=1000, lora_dropout=0.0), {"total_step": 1000}),
 ]}
 
 

@@ -39,7 +39,7 @@ KINDS = {
     "Conv1D (GPT-2)": ("gpt2", None),
 }
 # rows beyond one per installed variant: opt-in knobs whose behaviour differs by layer kind
-EXTRA_ROWS = {"pissa": [{"quantized": "requantize"}]}
+EXTRA_ROWS = {"pissa": [{"quantized": "requantize"}], "lora": [{"init": "olora"}]}
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "layers.md"
 BEGIN, END = "<!-- support-table:begin -->", "<!-- support-table:end -->"

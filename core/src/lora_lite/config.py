@@ -92,6 +92,13 @@ class LoraLiteConfig:
         return object.__new__(cls)
 
     def __post_init__(self) -> None:
+        if type(self) is LoraLiteConfig:  # LoraLiteConfig() with no arguments: __new__ could not tell it from copy
+            cls = resolve_config_class(self.variant)
+            if cls is not LoraLiteConfig:
+                self.__class__ = cls
+                for f in dataclasses.fields(cls):
+                    if not hasattr(self, f.name):
+                        setattr(self, f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
         self._coerce_sequences()
         _check_types(self)
         if self.r < self.r_min:

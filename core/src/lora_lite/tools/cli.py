@@ -117,7 +117,8 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None,
                    help="hub id or local directory (save_pretrained) of a causal LM; default: the embedded "
                         "Qwen3-architecture config with random weights (no download)")
-    p.add_argument("--variants", nargs="+", metavar="NAME", help="variants to probe (default: every installed one)")
+    p.add_argument("--variants", nargs="+", metavar="NAME", type=lambda s: [v for v in s.split(",") if v],
+                   help="variants to probe, space- or comma-separated (default: every installed one)")
     p.add_argument("--steps", type=int, default=8, help="training steps on the fixed batch (default 8)")
     p.add_argument("--lr", type=float, default=5e-3, help="AdamW learning rate (default 5e-3)")
     p.add_argument("-r", "--rank", type=int, default=4, dest="r", help="adapter rank (default 4)")
@@ -162,7 +163,7 @@ def _probe_settings(args: argparse.Namespace):
     from ..plugins import list_variants
     from .probe import DEFAULT_LAYERS, DEFAULT_TARGET_NAMES, ProbeSettings
 
-    variants = args.variants or [v.name for v in list_variants()]
+    variants = [v for group in args.variants for v in group] if args.variants else [v.name for v in list_variants()]
     if not variants:
         raise LoraLiteError("no variants are installed; install one, e.g. `pip install lora-lite-lora`.")
     if args.layers is None:

@@ -41,7 +41,8 @@ from .. import __version__
 from ..config import LoraLiteConfig
 from ..errors import ConfigError, LoraLiteError, MissingDependencyError
 from ..plugins import get_variant, list_variants
-from ..runtime import attach
+from ..runtime import attach, regularization_loss
+from ..runtime import step as ll_step
 
 # the default text: documentation that ships with Python itself (module docstrings of the
 # standard library): real prose and code nobody here wrote, the same offline everywhere
@@ -165,6 +166,8 @@ def _config(variant: str, settings: CompareSettings, size: int | None) -> LoraLi
     info = get_variant(variant)
     fields = {f.name: f.default for f in dataclasses.fields(info.config_class)}
     kwargs: dict[str, Any] = {"variant": variant, "target_names": settings.targets}
+    if "total_step" in fields and fields["total_step"] is None:  # a schedule's length (AdaLoRA): the run's steps
+        kwargs["total_step"] = settings.steps
     knob = info.size_knob
     value = size if size is not None else (settings.r if knob == "r" and fields["r"] == LoraLiteConfig.r else None)
     if knob is not None and value is not None:
@@ -240,14 +243,16 @@ def run_one(base: nn.Module, splits: Splits, settings: CompareSettings, variant:
         ids = torch.stack([splits.train[s: s + seq] for s in starts[step].tolist()]).to(settings.device)
         t0 = time.perf_counter()
         with meter if step == 0 else contextlib.nullcontext():
-            loss = model(input_ids=ids, labels=ids).loss
+            lm_loss = model(input_ids=ids, labels=ids).loss
+            loss = lm_loss + regularization_loss(model)  # variants' own terms (AdaLoRA's orthogonality)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        ll_step(model)  # per-step hooks (AdaLoRA's rank schedule); nothing for most variants
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-        curve.append(loss.item())
+        curve.append(lm_loss.item())
         if not math.isfinite(curve[-1]):
             break
     val_loss, _ = _eval(model, val, bs, settings.device)
