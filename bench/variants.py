@@ -107,6 +107,7 @@ PAIRINGS: dict[str, Pairing] = {p.name: p for p in [
             {"n_frequency": 1000, "scaling": 150.0}),
     Pairing("shira", _peft("ShiraConfig", r=R)),
     Pairing("miss", _peft("MissConfig", r=R)),
+    Pairing("psoft", _peft("PsoftConfig", r=R, psoft_alpha=ALPHA)),
     Pairing("gralora", _peft("GraloraConfig", r=R, alpha=ALPHA)),
     # the bench loop calls neither ll.step nor update_and_allocate: both sides run as fixed-rank SVD-form LoRA
     Pairing("adalora", _peft("AdaLoraConfig", init_r=R, target_r=max(1, 2 * R // 3), lora_alpha=2 * R,
