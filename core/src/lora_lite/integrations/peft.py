@@ -663,7 +663,7 @@ def add_cli_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--as-lora", action="store_true", help="any mergeable variant as a plain LoRA (SVD of its weight deltas)")
     p.add_argument("--rank", type=int, default=None, help="with --as-lora: truncate to this rank (default: exact)")
     p.set_defaults(func=_cli_export)
-    p = subparsers.add_parser("import-peft", help="convert a PEFT LoRA adapter directory to a lora-lite checkpoint")
+    p = subparsers.add_parser("import-peft", help="convert a PEFT adapter directory (LoRA, DoRA, IA3, VeRA, OFT, HRA, RoAd, DeLoRA) to a lora-lite checkpoint")
     p.add_argument("peft_dir", help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("output", help="lora-lite .safetensors checkpoint to write")
     p.add_argument("--model", required=True, help="base model (transformers name or path) the adapter belongs to")
