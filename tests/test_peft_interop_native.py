@@ -216,3 +216,49 @@ def test_attachments_of_different_formats_do_not_join(tmp_path):
     with pytest.raises(ll.PeftInteropError, match="2 attachments"):
         ll.export_peft(model, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_ia3_pair_writes_one_config_and_the_cli_round_trips_it(tmp_path):
+    if not {"ia3", "ia3_ff"} <= installed:
+        pytest.skip("ia3 not installed")
+    from .test_peft_interop_import import cli
+
+    model, atts = lite_trained("ia3+ia3_ff")
+    ll.export_peft(model, tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["down_proj", "q_proj", "v_proj"] and config["feedforward_modules"] == ["down_proj"]
+    assert "r" not in config and "lora_alpha" not in config
+    alone, _ = lite_trained("ia3")
+    ll.export_peft(alone, tmp_path / "alone")  # PEFT would fill a missing list from its per-model default
+    assert json.loads((tmp_path / "alone" / "adapter_config.json").read_text())["feedforward_modules"] == []
+
+    base_dir = tmp_path / "base"
+    tiny_qwen3().save_pretrained(str(base_dir))
+    checkpoint = tmp_path / "adapter.safetensors"
+    assert cli(["import-peft", str(tmp_path / "peft"), str(checkpoint), "--model", str(base_dir)]) == 0
+    assert cli(["export-peft", str(checkpoint), str(tmp_path / "back"), "--model", str(base_dir)]) == 0
+    original, back = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("peft", "back"))
+    assert set(original) == set(back) and all(torch.equal(original[k], back[k]) for k in original)
+
+
+def test_ia3_pair_on_some_layers_is_written_with_full_paths(tmp_path):
+    if not {"ia3", "ia3_ff"} <= installed:
+        pytest.skip("ia3 not installed")
+    model = tiny_qwen3()
+    atts = [ll.attach(model, ll.LoraLiteConfig(variant="ia3", target_names=(r"\.q_proj$",), layers=(1,))),
+            ll.attach(model, ll.LoraLiteConfig(variant="ia3_ff", target_names=(r"\.down_proj$",)))]
+    with torch.no_grad():
+        for p in (p for a in atts for p in a.trainable_parameters()):
+            p.add_(torch.randn_like(p) * 0.1)
+    batch = token_batch()
+    ours = logits(model, batch)
+    ll.export_peft(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["feedforward_modules"] == atts[1].target_names
+    assert config["target_modules"] == atts[0].target_names + atts[1].target_names
+    pm = peft.PeftModel.from_pretrained(tiny_qwen3(), str(tmp_path)).eval()
+    torch.testing.assert_close(logits(pm, batch), ours, rtol=0, atol=1e-5)
+    fresh = tiny_qwen3()
+    ll.import_peft(fresh, tmp_path)
+    assert [a.target_names for a in ll.attachments(fresh)] == [a.target_names for a in atts]
+    torch.testing.assert_close(logits(fresh, batch), ours, rtol=0, atol=0)

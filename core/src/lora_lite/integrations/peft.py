@@ -277,8 +277,13 @@ def _native_config(model: nn.Module, group: list[tuple[Attachment, PeftFormat]],
         entries = {key: getattr(att.cfg, knob) for knob, key in fmt.config_fields.items()}
         entries.update(fmt.config)
         if fmt.subset:
-            full = targets == list(every) and len(group) > 1  # leaves beside full paths would not be a subset
-            entries[fmt.subset] = list(att.target_names) if full else _target_modules(model, att.target_names)
+            listed = _target_modules(model, att.target_names)
+            # full paths where leaves would not be a subset of target_modules, or PEFT's suffix
+            # rule would also pick another attachment's module with them
+            if (targets == list(every) and len(group) > 1
+                    or {n for n in every if _peft_listed(listed, n)} != set(att.target_names)):
+                listed = list(att.target_names)
+            entries[fmt.subset] = listed
         for key, value in entries.items():
             if key in written and config[key] != value:
                 raise PeftInteropError(
@@ -663,7 +668,10 @@ def add_cli_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--as-lora", action="store_true", help="any mergeable variant as a plain LoRA (SVD of its weight deltas)")
     p.add_argument("--rank", type=int, default=None, help="with --as-lora: truncate to this rank (default: exact)")
     p.set_defaults(func=_cli_export)
-    p = subparsers.add_parser("import-peft", help="convert a PEFT adapter directory (LoRA, DoRA, IA3, VeRA, OFT, HRA, RoAd, DeLoRA) to a lora-lite checkpoint")
+    p = subparsers.add_parser(
+        "import-peft",
+        help="convert a PEFT adapter directory (LoRA, DoRA, IA3, VeRA, OFT, HRA, RoAd, DeLoRA) to a lora-lite checkpoint",
+    )
     p.add_argument("peft_dir", help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("output", help="lora-lite .safetensors checkpoint to write")
     p.add_argument("--model", required=True, help="base model (transformers name or path) the adapter belongs to")
