@@ -93,8 +93,8 @@ def test_export_refuses_what_peft_cannot_express(tmp_path):
     with pytest.raises(ll.NotAttachedError):
         ll.export_peft(tiny_qwen3(), tmp_path / "none")
     model = tiny_qwen3()
-    ll.attach(model, ll.LoraLiteConfig(variant="delora", r=4, lambda0=1.0))
-    with pytest.raises(ll.PeftInteropError, match="delora.*declares no PEFT format.*lora"):
+    ll.attach(model, ll.LoraLiteConfig(variant="goft"))  # no PEFT counterpart
+    with pytest.raises(ll.PeftInteropError, match="goft.*declares no PEFT format.*lora"):
         ll.export_peft(model, tmp_path / "delora")
     model = tiny_qwen3()
     ll.attach(model, ll.LoraLiteConfig(variant="lora", r=4, target_names=("q_proj",)))

@@ -9,7 +9,12 @@ That is lora-lite's ``lora`` variant term for term, so both directions are exact
 Core knows no variant by name: a variant declares its format as ``peft = PeftFormat(...)``
 (which adapter tensor becomes which PEFT key, config entries that identify it, and an
 optional ``convert`` for variants PEFT stores differently, e.g. PiSSA's rank-``2r`` delta
-against the original weight); export and import read that declaration.
+against the original weight); export and import read that declaration. A format of
+another ``peft_type`` (IA3, VERA, OFT, ...) also names which config knob is which
+``adapter_config.json`` key (``config_fields``), tensors PEFT stores once per adapter
+(``shared``, VeRA's projections), PEFT's tensor shapes (``shapes``) and, for a PEFT
+adapter that is several lora-lite attachments, the config list that selects its modules
+(``subset``, IA3's ``feedforward_modules``).
 
 Anything that would change the math (another variant, ``rank_pattern``, a trained bias,
 ``modules_to_save``, a base-mutating init, missing or extra tensors) raises
@@ -64,7 +69,22 @@ class PeftFormat:
     :param convert: ``(layer, cfg, tensors by lora-lite name) -> (tensors, r, alpha)`` for a
         variant PEFT stores differently (export only: such a format is never chosen on
         import); ``None`` copies the tensors as they are, both ways.
-    :param peft_type: PEFT's ``peft_type`` (``"LORA"``).
+    :param peft_type: PEFT's ``peft_type`` (``"LORA"``). A LORA format gets the LoRA config
+        entries (``r``, ``lora_alpha``, ...); any other gets only ``target_modules`` and
+        what the fields below declare.
+    :param config_fields: lora-lite config knob -> ``adapter_config.json`` key
+        (``{"road_variant": "variant"}``): written from the config on export, read into it
+        on import (non-LORA formats).
+    :param shared: lora-lite tensor name -> full PEFT key of a tensor every target shares
+        (``{"lora_vera_A": "base_model.vera_A"}``): written once, from the first target,
+        and only when persistent (a non-persistent one is regenerated from the config).
+    :param shapes: lora-lite tensor name -> PEFT's shape of it, ``-1`` for the rest
+        (``{"lora_l": (-1, 1)}``).
+    :param subset: the config key listing the modules this variant holds within an adapter
+        another variant's format reads (IA3's ``feedforward_modules``): such attachments
+        export together into one adapter, and import splits it.
+    :param neutral: config keys the import accepts whatever their value (dropout, init
+        flags: they do not change the function the tensors compute).
     :param config_of: ``cfg -> adapter_config.json entries`` that depend on the variant's
         knobs (``{"use_rslora": cfg.use_rslora, "lora_dropout": cfg.dropout}``), written on
         export after ``config``.
@@ -81,6 +101,11 @@ class PeftFormat:
     config: dict[str, Any] = field(default_factory=dict)
     convert: Callable[[nn.Module, LoraLiteConfig, Tensors], tuple[Tensors, int, float]] | None = None
     peft_type: str = "LORA"
+    config_fields: dict[str, str] = field(default_factory=dict)
+    shared: dict[str, str] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    subset: str | None = None
+    neutral: tuple[str, ...] = ()
     config_of: Callable[[LoraLiteConfig], dict[str, Any]] | None = None
     knobs_of: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     importable: bool | None = None
@@ -159,51 +184,42 @@ def export_peft(
     a :class:`LoraExport` with the measured error, which is also written to the
     directory's ``README.md``.
     """
-    att = _single_attachment(model)
     if as_lora:
-        return _export_as_lora(model, att, Path(directory), rank, base_model_name_or_path, task_type)
+        return _export_as_lora(model, _single_attachment(model), Path(directory), rank, base_model_name_or_path,
+                               task_type)
     if rank is not None:
+        _single_attachment(model)
         raise PeftInteropError("rank= truncates an as_lora export; pass as_lora=True with it.")
-    fmt = _format_of(att.variant)
-    if fmt is None:
-        raise PeftInteropError(
-            f"variant {att.variant.name!r} declares no PEFT format; installed variants that do: {_exportable()}."
-        )
+    group = _export_group(model)
     tensors: Tensors = {}
     ranks = set()
-    sharded = any(_is_sharded(v) for v in att.adapter_tensors().values())
-    for name, layer in ((t.name, t.layer) for t in att.targets):
-        own = {k: _full_cpu(getattr(layer, k)) for k in att.specs[name]}
-        if set(own) != set(fmt.keys):
-            raise PeftInteropError(
-                f"{name} holds adapter tensors {sorted(own)} but the {att.variant.name} PEFT format maps "
-                f"{sorted(fmt.keys)}; the variant's `peft` declaration is out of date."
-            )
-        if fmt.convert is not None:
-            own, r, alpha = fmt.convert(layer, att.cfg, own)
-        else:
-            r, alpha = att.cfg.r, att.cfg.alpha
-        ranks.add((r, alpha))
-        tensors.update({f"{PREFIX}{name}.{fmt.keys[k]}": v.contiguous() for k, v in own.items()})
-    (r, alpha), = ranks
-    config = {
-        "peft_type": fmt.peft_type,
-        "task_type": task_type,
-        "base_model_name_or_path": base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None) or None,
-        "r": r,
-        "lora_alpha": alpha,
-        "target_modules": _target_modules(model, att.target_names),
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "use_rslora": False,
-        "fan_in_fan_out": False,
-        "init_lora_weights": True,
-        "use_dora": False,
-        "modules_to_save": None,
-        "inference_mode": True,
-        **fmt.config,
-        **(fmt.config_of(att.cfg) if fmt.config_of is not None else {}),
-    }
+    sharded = any(_is_sharded(v) for att, _ in group for v in att.adapter_tensors().values())
+    for att, fmt in group:
+        tensors.update(_export_tensors(att, fmt, ranks))
+    att, fmt = group[0]
+    base_name = base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    if fmt.peft_type != "LORA":
+        config = _native_config(model, group, task_type, base_name)
+    else:
+        (r, alpha), = ranks
+        config = {
+            "peft_type": fmt.peft_type,
+            "task_type": task_type,
+            "base_model_name_or_path": base_name,
+            "r": r,
+            "lora_alpha": alpha,
+            "target_modules": _target_modules(model, att.target_names),
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "use_rslora": False,
+            "fan_in_fan_out": False,
+            "init_lora_weights": True,
+            "use_dora": False,
+            "modules_to_save": None,
+            "inference_mode": True,
+            **fmt.config,
+            **(fmt.config_of(att.cfg) if fmt.config_of is not None else {}),
+        }
     out = Path(directory)
 
     def write() -> None:
@@ -213,6 +229,91 @@ def export_peft(
 
     _write_once(sharded, write)
     return out
+
+
+def _export_group(model: nn.Module) -> list[tuple[Attachment, PeftFormat]]:
+    """The attachments one PEFT adapter holds, with their formats, the main one first: one
+    attachment, or several whose formats share a peft_type and all but one declare a
+    ``subset`` (IA3: ``ia3`` plus ``ia3_ff`` as ``feedforward_modules``)."""
+    atts = attachments(model)
+    if not atts:
+        raise NotAttachedError(f"{type(model).__name__} carries no lora-lite adapter to export.")
+    fmts = [_format_of(a.variant) for a in atts]
+    if len(atts) > 1:
+        subsets = [f.subset for f in fmts if f is not None]
+        joinable = (len(subsets) == len(atts) and len({f.peft_type for f in fmts}) == 1
+                    and len(set(subsets)) == len(subsets) and any(subsets))
+        if not joinable:
+            raise PeftInteropError(
+                f"the model carries {len(atts)} attachments ({[a.name for a in atts]}); a PEFT adapter holds one "
+                "config. Export a model with a single attachment (lora_lite.save(names=...) and load it alone)."
+            )
+    for att, fmt in zip(atts, fmts):
+        if fmt is None:
+            raise PeftInteropError(
+                f"variant {att.variant.name!r} declares no PEFT format; installed variants that do: {_exportable()}."
+            )
+    return sorted(zip(atts, fmts), key=lambda p: p[1].subset is not None)
+
+
+def _export_tensors(att: Attachment, fmt: PeftFormat, ranks: set) -> Tensors:
+    tensors: Tensors = {}
+    for name, layer in ((t.name, t.layer) for t in att.targets):
+        if set(att.specs[name]) != set(fmt.keys) | set(fmt.shared):
+            raise PeftInteropError(
+                f"{name} holds adapter tensors {sorted(att.specs[name])} but the {att.variant.name} PEFT format maps "
+                f"{sorted(set(fmt.keys) | set(fmt.shared))}; the variant's `peft` declaration is out of date."
+            )
+        own = {k: _full_cpu(getattr(layer, k)) for k in fmt.keys}
+        if fmt.convert is not None:
+            own, r, alpha = fmt.convert(layer, att.cfg, own)
+        else:
+            r, alpha = att.cfg.r, att.cfg.alpha
+        ranks.add((r, alpha))
+        tensors.update({f"{PREFIX}{name}.{fmt.keys[k]}": v.reshape(fmt.shapes.get(k, v.shape)).contiguous()
+                        for k, v in own.items()})
+    first = att.targets[0]
+    for k, key in fmt.shared.items():  # once per adapter; a non-persistent one is regenerated from the config
+        if att.specs[first.name][k].persistent:
+            tensors[key] = _full_cpu(getattr(first.layer, k)).contiguous()
+    return tensors
+
+
+def _native_config(model: nn.Module, group: list[tuple[Attachment, PeftFormat]], task_type, base_name) -> dict:
+    """adapter_config.json of a non-LORA format: targets, the declared knobs and fixed entries."""
+    every = [n for att, _ in group for n in att.target_names]
+    targets = _target_modules(model, every)
+    peft_type = group[0][1].peft_type
+    config: dict[str, Any] = {
+        "peft_type": peft_type, "task_type": task_type, "base_model_name_or_path": base_name,
+        "target_modules": targets, "modules_to_save": None, "inference_mode": True,
+    }
+    # subset lists of this peft_type that no attachment fills are written empty (PEFT
+    # would fill a missing one from its per-model defaults)
+    for info in list_variants():
+        fmt = _format_of(info)
+        if fmt is not None and fmt.peft_type == peft_type and fmt.subset:
+            config[fmt.subset] = []
+    written: dict[str, str] = {}
+    for att, fmt in group:
+        entries = {key: getattr(att.cfg, knob) for knob, key in fmt.config_fields.items()}
+        entries.update(fmt.config)
+        if fmt.subset:
+            listed = _target_modules(model, att.target_names)
+            # full paths where leaves would not be a subset of target_modules, or PEFT's suffix
+            # rule would also pick another attachment's module with them
+            if (targets == list(every) and len(group) > 1
+                    or {n for n in every if _peft_listed(listed, n)} != set(att.target_names)):
+                listed = list(att.target_names)
+            entries[fmt.subset] = listed
+        for key, value in entries.items():
+            if key in written and config[key] != value:
+                raise PeftInteropError(
+                    f"the {written[key]} and {att.variant.name} attachments need {key}={config[key]!r} and "
+                    f"{value!r} in one {peft_type} adapter config; attach them with equal settings."
+                )
+            config[key], written[key] = value, att.variant.name
+    return config
 
 
 def _low_rank(delta: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -308,23 +409,61 @@ _NEUTRAL = {
 _MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
-def _importer(cfg: dict[str, Any], path: Path) -> tuple[str, PeftFormat]:
-    """The installed variant whose declared format reads this adapter config."""
-    found = []
+def _importer(cfg: dict[str, Any], path: Path) -> list[tuple[str, PeftFormat]]:
+    """The installed variants whose declared formats read this adapter config: the main
+    one first (the most specific match), then those declaring a ``subset`` of it."""
+    found, near = [], []
     for info in list_variants():
         fmt = _format_of(info)
         if fmt is None or not fmt.reads or fmt.peft_type != cfg.get("peft_type"):
             continue
-        if all(cfg.get(k, _LORA_DEFAULTS.get(k)) == v for k, v in fmt.config.items()):
-            found.append((len(fmt.config), info.name, fmt))
-    if not found:
+        # an absent entry reads as PEFT's default: LoraConfig's, or else the format's own value
+        bad = {k: (cfg.get(k), v) for k, v in fmt.config.items() if cfg.get(k, _LORA_DEFAULTS.get(k, v)) != v}
+        (near if bad else found).append((len(fmt.config), info.name, fmt, bad))
+    main = [f for f in found if f[2].subset is None]
+    if not main and cfg.get("peft_type") == "LORA":
         wanted = {k: cfg[k] for k in _LORA_DEFAULTS if cfg.get(k)}
         raise PeftInteropError(
             f"{path}: no installed variant reads a {cfg.get('peft_type')} adapter with {wanted or 'default options'}; "
             f"variants with a PEFT format: {_exportable()}. Install the plugin that declares it."
         )
-    _, name, fmt = max(found, key=lambda f: (f[0], f[1]))  # the most specific declaration wins
-    return name, fmt
+    if not main and near:
+        why = "; ".join(f"{name} reads {', '.join(f'{k}={v!r}' for k, (_, v) in bad.items())} only"
+                        for _, name, _, bad in near)
+        got = {k: g for *_, bad in near for k, (g, _) in bad.items()}
+        raise PeftInteropError(
+            f"{path}: no installed variant reads this {cfg.get('peft_type')} adapter with "
+            f"{', '.join(f'{k}={v!r}' for k, v in got.items())}: {why}."
+        )
+    if not main:
+        types = sorted({f.peft_type for f in (_format_of(v) for v in list_variants()) if f is not None})
+        raise PeftInteropError(
+            f"{path}: peft_type is {cfg.get('peft_type')!r}; the installed variants read PEFT adapters of types "
+            f"{types} (variants with a PEFT format: {_exportable()}). Install the plugin that declares it."
+        )
+    _, name, fmt, _ = max(main, key=lambda f: (f[0], f[1]))  # the most specific declaration wins
+    return [(name, fmt)] + sorted((f[1], f[2]) for f in found if f[2].subset is not None)
+
+
+# adapter_config.json entries of any peft_type that do not change what an adapter computes
+_NATIVE_NEUTRAL = {
+    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+    "peft_version", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+}
+
+
+def _check_native_config(cfg: dict[str, Any], path: Path, formats: list[tuple[str, PeftFormat]]) -> None:
+    """A non-LORA config may hold only what its formats declare; anything else set refuses."""
+    known = set(_NATIVE_NEUTRAL)
+    for _, fmt in formats:
+        known |= set(fmt.config_fields.values()) | set(fmt.config) | set(fmt.neutral) | {fmt.subset}
+    for key, value in cfg.items():
+        if key in known or not value:
+            continue
+        raise PeftInteropError(
+            f"{path}: {key}={value!r} is not supported by the import of a {cfg.get('peft_type')} adapter as "
+            f"{formats[0][0]} (it changes the adapter, or lora-lite cannot tell that it does not)."
+        )
 
 
 def _check_peft_config(cfg: dict[str, Any], path: Path) -> None:
@@ -393,31 +532,50 @@ def _selected_by_config(model: nn.Module, cfg: dict[str, Any]) -> set[str] | Non
 
 def import_peft(model: nn.Module, directory: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Attachment:
     """Attach the PEFT adapter in ``directory`` as the installed variant whose declared
-    :class:`PeftFormat` reads it (plain LoRA by the ``lora`` plugin, ``use_dora`` by ``dora``).
+    :class:`PeftFormat` reads it (plain LoRA by the ``lora`` plugin, ``use_dora`` by ``dora``,
+    ``IA3`` by ``ia3``, ``VERA`` by ``vera``, ...).
 
     Every tensor in the file must land on a target and every target must get its tensors;
     otherwise :class:`PeftInteropError` and the model is left as it was. ``dtype``: adapter
     storage dtype (default: the file's). ``use_rslora`` is folded into ``alpha``
     (``alpha * sqrt(r)``) so the scaling is the same, unless the format's ``knobs_of``
-    reads it (and ``lora_dropout``) into the variant's own knobs.
+    reads it (and ``lora_dropout``) into the variant's own knobs. An adapter whose format
+    splits into several attachments (IA3 with ``feedforward_modules``: ``ia3`` and
+    ``ia3_ff``) attaches all of them and returns the main one; ``lora_lite.attachments(model)``
+    lists them all.
     """
     path = Path(directory)
     cfg, tensors = _read_peft_dir(path)
-    _check_peft_config(cfg, path)
-    variant, fmt = _importer(cfg, path)
-    suffix_to_name = {v: k for k, v in fmt.keys.items()}
+    lora = cfg.get("peft_type") == "LORA"
+    if lora:
+        _check_peft_config(cfg, path)
+    formats = _importer(cfg, path)
+    if not lora:
+        _check_native_config(cfg, path, formats)
+    variant, fmt = formats[0]
+    suffix_to_name = {v: k for _, f in reversed(formats) for k, v in f.keys.items()}
+    shared_keys = {key: (v, k) for v, f in formats for k, key in f.shared.items()}
     by_module: dict[str, Tensors] = {}
+    shared: dict[str, Tensors] = {}
     for key, value in tensors.items():
+        if key in shared_keys:
+            owner, name = shared_keys[key]
+            shared.setdefault(owner, {})[name] = value
+            continue
         if not key.startswith(PREFIX):
             raise PeftInteropError(f"{path}: key {key!r} lacks PEFT's {PREFIX!r} prefix; PEFT would ignore it.")
-        module, _, suffix = key[len(PREFIX):].rpartition(".lora_")
-        name = suffix_to_name.get("lora_" + suffix)
-        if not module or name is None:
+        rest = key[len(PREFIX):]
+        hit = next(((rest[: -len(s) - 1], n) for s, n in sorted(suffix_to_name.items(), key=lambda i: -len(i[0]))
+                    if rest.endswith("." + s)), None)
+        if hit is None or not hit[0]:
             raise PeftInteropError(
                 f"{path}: tensor {key!r} is not a {variant} weight (expected suffixes {sorted(fmt.keys.values())})."
             )
-        by_module.setdefault(module, {})[name] = value
-    incomplete = [m for m, t in by_module.items() if set(t) != set(fmt.keys)]
+        by_module.setdefault(hit[0], {})[hit[1]] = value
+    # which variant holds each module: the first whose subset list names it, else the main one
+    owner_of = {m: next((v for v, f in formats[1:] if _peft_listed(cfg.get(f.subset), m)), variant) for m in by_module}
+    fmt_of = dict(formats)
+    incomplete = [m for m, t in by_module.items() if set(t) != set(fmt_of[owner_of[m]].keys)]
     if not by_module or incomplete:
         raise PeftInteropError(
             f"{path}: modules without all of {sorted(fmt.keys.values())}: {incomplete[:5] or 'no tensors at all'}."
@@ -429,38 +587,74 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, dtype: torch.
             f"{len(by_module)}; without tensors: {sorted(selected - set(by_module))[:5]}, not selected or not in "
             f"this model: {sorted(set(by_module) - selected)[:5]}. Is this the model the adapter was trained on?"
         )
-    r = int(cfg["r"])
-    alpha = float(cfg["lora_alpha"]) * (math.sqrt(r) if cfg.get("use_rslora") else 1.0)
-    storage = dtype or next(iter(next(iter(by_module.values())).values())).dtype
-    kwargs: dict[str, Any] = dict(
-        variant=variant, r=r, alpha=alpha, dtype=storage, exclude_names=(),
-        target_names=tuple(f"^{re.escape(m)}$" for m in sorted(by_module)),
-    )
-    if fmt.knobs_of is not None:
-        kwargs.update(fmt.knobs_of(cfg))
-    try:
-        config = LoraLiteConfig(**kwargs)
-    except ConfigError as err:
-        raise PeftInteropError(f"{path}: adapter_config.json gives an invalid {variant} config: {err}") from err
     absent = sorted(set(by_module) - {n for n, _ in linear_like_modules(model)})
     if absent:
         raise PeftInteropError(f"{path}: {len(absent)} adapted module(s) are not linear layers of this model: {absent[:5]}.")
-    att = attach(model, config)
+    stray = sorted(set(shared) - set(owner_of.values()))
+    if stray:
+        raise PeftInteropError(f"{path}: shared tensors of {stray} but no module of theirs.")
+    configs = []
+    for v, f in formats:
+        modules = sorted(m for m in by_module if owner_of[m] == v)
+        if not modules:
+            continue
+        storage = dtype or next(iter(by_module[modules[0]].values())).dtype
+        if lora:
+            r = int(cfg["r"])
+            knobs = {"r": r, "alpha": float(cfg["lora_alpha"]) * (math.sqrt(r) if cfg.get("use_rslora") else 1.0)}
+            if f.knobs_of is not None:
+                knobs.update(f.knobs_of(cfg))
+        else:
+            knobs = {knob: cfg[key] for knob, key in f.config_fields.items() if cfg.get(key) is not None}
+        try:
+            configs.append((v, f, modules, LoraLiteConfig(
+                variant=v, dtype=storage, exclude_names=(), target_names=tuple(f"^{re.escape(m)}$" for m in modules),
+                **knobs)))
+        except ConfigError as err:
+            raise PeftInteropError(f"{path}: the adapter config does not make a valid {v} config: {err}") from err
+    attached: list[Attachment] = []
     try:
-        with torch.no_grad():
-            for t in att.targets:
-                for name, value in by_module[t.name].items():
-                    param = getattr(t.layer, name)
-                    if tuple(value.shape) != tuple(param.shape):
-                        raise PeftInteropError(
-                            f"{path}: {t.name}.{name} has shape {tuple(value.shape)} in the file but "
-                            f"{tuple(param.shape)} here (r={r}, layer {t.d_in} -> {t.d_out})."
-                        )
-                    param.copy_(value)
+        for v, f, modules, config in configs:
+            att = attach(model, config)
+            attached.append(att)
+            with torch.no_grad():
+                for t in att.targets:
+                    for name, value in by_module[t.name].items():
+                        _copy_in(path, f"{t.name}.{name}", getattr(t.layer, name), value, f.shapes.get(name),
+                                 f"r={att.cfg.r}, layer {t.d_in} -> {t.d_out}")
+                first = att.targets[0]
+                for name in f.shared:
+                    persistent = att.specs[first.name][name].persistent
+                    value = shared.get(v, {}).get(name)
+                    if value is None and persistent:
+                        raise PeftInteropError(f"{path}: no {f.shared[name]!r} in the file, but the config says it is "
+                                               "saved (it is not regenerated from the config).")
+                    if value is not None and not persistent:
+                        raise PeftInteropError(f"{path}: {f.shared[name]!r} is in the file, but the config says it is "
+                                               "regenerated from the config (PEFT refuses this file too).")
+                    if value is not None:
+                        _copy_in(path, f.shared[name], getattr(first.layer, name), value, None, f"r={att.cfg.r}, shared")
     except BaseException:
-        att.detach()
+        for att in reversed(attached):
+            att.detach()
         raise
-    return att
+    return attached[0]
+
+
+def _copy_in(path: Path, what: str, param: torch.Tensor, value: torch.Tensor, peft_shape, detail: str) -> None:
+    want = tuple(param.shape) if peft_shape is None else tuple(param.reshape(peft_shape).shape)
+    if tuple(value.shape) != want:
+        raise PeftInteropError(f"{path}: {what} has shape {tuple(value.shape)} in the file but {want} here ({detail}).")
+    param.copy_(value.reshape(param.shape))
+
+
+def _peft_listed(rule: Any, name: str) -> bool:
+    """PEFT's IA3 feedforward_modules rule: a regex fully matching, or a suffix of the name."""
+    if not rule:
+        return False
+    if isinstance(rule, str):
+        return re.fullmatch(rule, name) is not None
+    return any(name.endswith(x) for x in rule)
 
 
 def _load_hf_model(name_or_path: str) -> nn.Module:
@@ -500,7 +694,10 @@ def add_cli_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--as-lora", action="store_true", help="any mergeable variant as a plain LoRA (SVD of its weight deltas)")
     p.add_argument("--rank", type=int, default=None, help="with --as-lora: truncate to this rank (default: exact)")
     p.set_defaults(func=_cli_export)
-    p = subparsers.add_parser("import-peft", help="convert a PEFT LoRA adapter directory to a lora-lite checkpoint")
+    p = subparsers.add_parser(
+        "import-peft",
+        help="convert a PEFT adapter directory (LoRA, DoRA, IA3, VeRA, OFT, HRA, RoAd, DeLoRA) to a lora-lite checkpoint",
+    )
     p.add_argument("peft_dir", help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("output", help="lora-lite .safetensors checkpoint to write")
     p.add_argument("--model", required=True, help="base model (transformers name or path) the adapter belongs to")

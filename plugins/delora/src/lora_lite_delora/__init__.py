@@ -41,6 +41,14 @@ class DeLoRA:
     name = "delora"
     additive = True  # y + delta(x): rows of a batch may use different attachments
     config_class = DeLoRAConfig
+    # PEFT's DeLoRA stores the weight norms too (delora_w_norm); delora_lambda is lambda's init
+    peft = ll.PeftFormat(
+        {"lora_A": "delora_A", "lora_B": "delora_B", "lora_lambda": "delora_lambda", "lora_w_norm": "delora_w_norm"},
+        {"bias": "none"},
+        peft_type="DELORA",
+        config_fields={"r": "r", "lambda0": "delora_lambda"},
+        neutral=("module_dropout", "init_weights"),
+    )
 
     def param_specs(d_in, d_out, cfg):
         return {

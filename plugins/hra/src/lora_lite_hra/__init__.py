@@ -56,6 +56,8 @@ def householder_wy(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class HRA:
     name = "hra"
     lrs = (3e-4, 1e-3, 3e-3, 1e-2)  # rotations: fewer effective degrees of freedom than LoRA's r (d_in + d_out)
+    peft = ll.PeftFormat({"lora_U": "hra_u"}, {"apply_GS": False, "bias": "none"}, peft_type="HRA",
+                         config_fields={"r": "r"}, neutral=("init_weights",))
 
     def param_specs(d_in, d_out, cfg):
         if cfg.r % 2:

@@ -33,6 +33,9 @@ class IA3:
     name = "ia3"
     size_knob = None  # one gate per output feature: the layer shapes fix the size
     lrs = (3e-3, 1e-2, 3e-2, 1e-1)  # gates start at 1 and move multiplicatively
+    # PEFT's IA3: ia3_l of shape (d_out, 1) on the modules not in feedforward_modules
+    peft = ll.PeftFormat({"lora_l": "ia3_l"}, {"fan_in_fan_out": False}, peft_type="IA3",
+                         shapes={"lora_l": (-1, 1)}, neutral=("init_ia3_weights",))
 
     def param_specs(d_in, d_out, cfg):
         return {"lora_l": ll.ParamSpec((d_out,), init="ones", keep_fp32=True)}
@@ -50,6 +53,9 @@ class IA3FF:
     name = "ia3_ff"
     size_knob = None
     lrs = IA3.lrs
+    # the feedforward_modules of the same PEFT IA3 adapter: ia3_l of shape (1, d_in)
+    peft = ll.PeftFormat({"lora_l": "ia3_l"}, {"fan_in_fan_out": False}, peft_type="IA3",
+                         shapes={"lora_l": (1, -1)}, subset="feedforward_modules", neutral=("init_ia3_weights",))
 
     def param_specs(d_in, d_out, cfg):
         return {"lora_l": ll.ParamSpec((d_in,), init="ones", keep_fp32=True)}

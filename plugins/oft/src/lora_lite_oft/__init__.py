@@ -99,6 +99,14 @@ class OFT:
     name = "oft"
     lrs = (3e-4, 1e-3, 3e-3, 1e-2)  # rotations: fewer effective degrees of freedom than LoRA's r (d_in + d_out)
     config_class = OFTConfig
+    peft = ll.PeftFormat(
+        {"lora_R": "oft_R.weight"},
+        {"block_share": False, "fan_in_fan_out": False, "bias": "none"},
+        peft_type="OFT",
+        config_fields={"r": "r", "oft_block_size": "oft_block_size", "use_cayley_neumann": "use_cayley_neumann",
+                       "num_cayley_neumann_terms": "num_cayley_neumann_terms", "coft": "coft", "eps": "eps"},
+        neutral=("module_dropout", "init_weights"),
+    )
 
     def param_specs(d_in, d_out, cfg):
         want = cfg.oft_block_size or cfg.r

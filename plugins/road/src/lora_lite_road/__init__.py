@@ -67,6 +67,9 @@ class RoAd:
     size_knob = None  # two (or four) numbers per output feature whatever group_size is
     lrs = (1e-3, 3e-3, 1e-2, 3e-2)  # few parameters, each an angle or a scale
     config_class = RoAdConfig
+    peft = ll.PeftFormat({"lora_theta": "road_theta", "lora_alpha": "road_alpha"}, peft_type="ROAD",
+                         config_fields={"road_variant": "variant", "group_size": "group_size"},
+                         neutral=("init_weights",))
 
     def param_specs(d_in, d_out, cfg):
         if d_out % cfg.group_size:

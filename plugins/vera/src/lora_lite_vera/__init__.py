@@ -58,6 +58,16 @@ class VeRA:
     lrs = (1e-3, 3e-3, 1e-2, 3e-2)  # only the d_out + r scaling vectors train
     additive = True  # y + delta(x): rows of a batch may use different attachments
     config_class = VeRAConfig
+    # PEFT's VeRA: the shared pair once, as base_model.vera_A / vera_B, when save_projection
+    peft = ll.PeftFormat(
+        {"lora_lambda_d": "vera_lambda_d", "lora_lambda_b": "vera_lambda_b"},
+        {"fan_in_fan_out": False, "bias": "none"},
+        peft_type="VERA",
+        config_fields={"r": "r", "projection_prng_key": "projection_prng_key", "save_projection": "save_projection",
+                       "d_initial": "d_initial"},
+        shared={"lora_vera_A": "base_model.vera_A", "lora_vera_B": "base_model.vera_B"},
+        neutral=("vera_dropout", "init_weights"),
+    )
 
     def param_specs(d_in, d_out, cfg):
         shared = {"init": "empty", "trainable": False, "persistent": cfg.save_projection}

@@ -1,0 +1,264 @@
+"""Native PEFT formats beyond LoRA, both ways: IA3 (with feedforward_modules: ``ia3`` +
+``ia3_ff``), VeRA (shared projections, saved or regenerated from the PRNG key), OFT, HRA,
+RoAd, DeLoRA. Each case builds the same adapter in lora-lite and in PEFT."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lora_lite as ll
+
+from .support.models import tiny_qwen3, token_batch
+from .test_peft_interop_import import edit
+
+peft = pytest.importorskip("peft")
+
+QV, FF = ("q_proj", "v_proj"), ("down_proj",)
+QVD = QV + FF
+
+
+def _ia3(ff):
+    return lambda: peft.IA3Config(target_modules=list(QVD if ff else QV), feedforward_modules=list(FF if ff else ()))
+
+
+# name -> (lora-lite attachments [(variant, targets, knobs)], PEFT config factory)
+CASES = {
+    "ia3": ([("ia3", QV, {})], _ia3(False)),
+    "ia3+ia3_ff": ([("ia3", QV, {}), ("ia3_ff", FF, {})], _ia3(True)),
+    "vera": ([("vera", QVD, {"r": 4, "projection_prng_key": 3, "save_projection": True})],
+             lambda: peft.VeraConfig(r=4, target_modules=list(QVD), projection_prng_key=3, save_projection=True)),
+    "vera-prng": ([("vera", QVD, {"r": 4, "projection_prng_key": 11, "d_initial": 0.2})],
+                  lambda: peft.VeraConfig(r=4, target_modules=list(QVD), projection_prng_key=11, d_initial=0.2,
+                                          save_projection=False)),
+    "oft": ([("oft", QVD, {"r": 0, "oft_block_size": 8})],
+            lambda: peft.OFTConfig(r=0, oft_block_size=8, target_modules=list(QVD))),
+    "oft-cayley-coft": ([("oft", QVD, {"r": 2, "oft_block_size": 0, "use_cayley_neumann": False, "coft": True,
+                                       "eps": 0.5})],
+                        lambda: peft.OFTConfig(r=2, oft_block_size=0, use_cayley_neumann=False, coft=True, eps=0.5,
+                                               target_modules=list(QVD))),
+    "hra": ([("hra", QVD, {"r": 4})], lambda: peft.HRAConfig(r=4, target_modules=list(QVD))),
+    "road_1": ([("road", QVD, {"road_variant": "road_1", "group_size": 8})],
+               lambda: peft.RoadConfig(variant="road_1", group_size=8, target_modules=list(QVD))),
+    "road_4": ([("road", QVD, {"road_variant": "road_4", "group_size": 4})],
+               lambda: peft.RoadConfig(variant="road_4", group_size=4, target_modules=list(QVD))),
+    "delora": ([("delora", QVD, {"r": 4, "lambda0": 15.0})],
+               lambda: peft.DeloraConfig(r=4, delora_lambda=15, target_modules=list(QVD))),
+}
+installed = {v.name for v in ll.list_variants()}
+
+
+def case(name):
+    lite, make = CASES[name]
+    missing = {v for v, _, _ in lite} - installed
+    return pytest.param(name, marks=pytest.mark.skipif(bool(missing), reason=f"{missing} not installed"))
+
+
+ALL = [case(n) for n in CASES]
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def lite_trained(name, seed=5):
+    """The case's lora-lite attachments, every trainable tensor perturbed as training would."""
+    model = tiny_qwen3()
+    atts = [ll.attach(model, ll.LoraLiteConfig(variant=v, target_names=tuple(rf"\.{t}$" for t in targets), **knobs))
+            for v, targets, knobs in CASES[name][0]]
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for att in atts:
+            for p in att.trainable_parameters():
+                p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.05)
+    return model, atts
+
+
+def peft_trained(name, directory, seed=7):
+    """The case's PEFT adapter with every trainable tensor (and VeRA's saved projections)
+    perturbed, saved by PEFT."""
+    pm = peft.get_peft_model(tiny_qwen3(), CASES[name][1]()).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        if name == "vera":  # saved projections are read from the file, not regenerated
+            for buf in (pm.base_model.vera_A["default"], pm.base_model.vera_B["default"]):
+                buf.add_(torch.randn(buf.shape, generator=g) * 0.05)
+    pm.save_pretrained(str(directory))
+    return pm
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_native_export_matches_peft_logits(tmp_path, name):
+    model, atts = lite_trained(name)
+    batch = token_batch()
+    ours = logits(model, batch)
+    assert (ours - logits(tiny_qwen3(), batch)).abs().max() > 1e-3, "the adapter must change the outputs"
+    ll.export_peft(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == CASES[name][1]().peft_type.value
+    pm = peft.PeftModel.from_pretrained(tiny_qwen3(), str(tmp_path)).eval()
+    # (read before a forward: COFT rescales its tensors in place in every forward, in both libraries)
+    landed = {k: v.clone() for k, v in peft.get_peft_model_state_dict(pm).items()}
+    theirs = logits(pm, batch)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+    # every exported tensor landed in PEFT bit for bit, and PEFT holds nothing else
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert set(landed) == set(saved)
+    for k, v in saved.items():
+        assert torch.equal(landed[k], v), k
+    assert len(saved) == sum(len(a) * len(a.variant.peft.keys) for a in atts) + (2 if name == "vera" else 0)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_native_import_matches_peft_logits(tmp_path, name):
+    pm = peft_trained(name, tmp_path)
+    batch = token_batch()
+    theirs = logits(pm, batch)
+    assert (theirs - logits(tiny_qwen3(), batch)).abs().max() > 1e-3, "the adapter must change the outputs"
+    model = tiny_qwen3()
+    att = ll.import_peft(model, tmp_path)
+    assert [a.cfg.variant for a in ll.attachments(model)] == [v for v, _, _ in CASES[name][0]]
+    assert att is ll.attachments(model)[0]
+    for a, (_, _, knobs) in zip(ll.attachments(model), CASES[name][0]):
+        assert {k: getattr(a.cfg, k) for k in knobs} == knobs
+    # every tensor in the file is in lora-lite exactly (up to PEFT's shape), checked before a
+    # forward (COFT rescales in place)
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    seen = set()
+    for a in ll.attachments(model):
+        fmt = a.variant.peft
+        places = [(f"base_model.model.{t.name}.{suffix}", t.layer, name) for t in a.targets for name, suffix in fmt.keys.items()]
+        places += [(key, a.targets[0].layer, name) for name, key in fmt.shared.items() if key in saved]
+        for key, layer, name in places:
+            got = getattr(layer, name)
+            assert torch.equal(got.reshape(saved[key].shape), saved[key].to(got.dtype)), key
+            seen.add(key)
+    assert seen == set(saved)
+    torch.testing.assert_close(logits(model, batch), theirs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_native_export_then_import_round_trips_exactly(tmp_path, name):
+    model, atts = lite_trained(name)
+    ll.export_peft(model, tmp_path)
+    fresh = tiny_qwen3()
+    ll.import_peft(fresh, tmp_path)
+    back = ll.attachments(fresh)
+    assert [a.cfg.variant for a in back] == [a.cfg.variant for a in atts]
+    for a, b in zip(atts, back):
+        assert a.target_names == b.target_names
+        x, y = a.adapter_tensors(), b.adapter_tensors()
+        assert set(x) == set(y) and all(torch.equal(x[k], y[k]) for k in x)
+    batch = token_batch()
+    torch.testing.assert_close(logits(fresh, batch), logits(model, batch), rtol=0, atol=0)
+
+
+def test_vera_without_saved_projections_regenerates_peft_draw(tmp_path):
+    """save_projection=False: neither file holds the projections; both libraries draw them from
+    projection_prng_key, and the draws are equal bit for bit."""
+    if "vera" not in installed:
+        pytest.skip("vera not installed")
+    pm = peft_trained("vera-prng", tmp_path)
+    assert not any("vera_A" in k for k in load_file(str(tmp_path / "adapter_model.safetensors")))
+    model = tiny_qwen3()
+    att = ll.import_peft(model, tmp_path)
+    layer = att.targets[0].layer
+    assert torch.equal(layer.lora_vera_A, pm.base_model.vera_A["default"])
+    assert torch.equal(layer.lora_vera_B, pm.base_model.vera_B["default"])
+
+
+S = "base_model.model.model.layers.0.self_attn"
+
+
+@pytest.mark.parametrize("name, change, match", [
+    ("hra", {"config": {"apply_GS": True}}, "apply_GS=True: hra reads apply_GS=False only"),
+    ("oft", {"config": {"block_share": True}}, "block_share=True"),
+    ("oft", {"config": {"bias": "all"}}, "bias='all'"),
+    ("ia3", {"config": {"fan_in_fan_out": True}}, "fan_in_fan_out"),
+    ("ia3", {"config": {"modules_to_save": ["lm_head"]}}, "modules_to_save"),
+    ("ia3+ia3_ff", {"config": {"feedforward_modules": []}}, r"shape \(1, 64\) in the file but \(32, 1\)"),
+    ("vera", {"drop": ["base_model.vera_A", "base_model.vera_B"]}, "no 'base_model.vera_A' in the file"),
+    ("vera", {"config": {"save_projection": False}}, "regenerated from the config"),
+    ("vera", {"drop": [f"{S}.q_proj.vera_lambda_b"]}, "without all of"),
+    ("road_1", {"config": {"variant": "road_9"}}, "valid road config"),
+    ("delora", {"config": {"lambda_pattern": {"q_proj": 3.0}}}, "lambda_pattern"),
+    ("delora", {"add": {f"{S}.q_proj.delora_C": torch.zeros(3)}}, "not a delora weight"),
+    ("oft", {"config": {"target_modules": ["q_proj"]}}, "not selected"),
+])
+def test_mismatching_native_adapters_fail_and_leave_the_model_alone(tmp_path, name, change, match):
+    if {v for v, _, _ in CASES[name][0]} - installed:
+        pytest.skip("variant not installed")
+    peft_trained(name, tmp_path)
+    edit(tmp_path, **change)
+    model = tiny_qwen3()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ll.PeftInteropError, match=match):
+        ll.import_peft(model, tmp_path)
+    assert ll.attachments(model) == []
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_attachments_of_different_formats_do_not_join(tmp_path):
+    if not {"ia3", "hra"} <= installed:
+        pytest.skip("ia3/hra not installed")
+    model = tiny_qwen3()
+    ll.attach(model, ll.LoraLiteConfig(variant="ia3", target_names=(r"\.q_proj$",)))
+    ll.attach(model, ll.LoraLiteConfig(variant="hra", r=2, target_names=(r"\.v_proj$",)))
+    with pytest.raises(ll.PeftInteropError, match="2 attachments"):
+        ll.export_peft(model, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_ia3_pair_writes_one_config_and_the_cli_round_trips_it(tmp_path):
+    if not {"ia3", "ia3_ff"} <= installed:
+        pytest.skip("ia3 not installed")
+    from .test_peft_interop_import import cli
+
+    model, atts = lite_trained("ia3+ia3_ff")
+    ll.export_peft(model, tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["down_proj", "q_proj", "v_proj"] and config["feedforward_modules"] == ["down_proj"]
+    assert "r" not in config and "lora_alpha" not in config
+    alone, _ = lite_trained("ia3")
+    ll.export_peft(alone, tmp_path / "alone")  # PEFT would fill a missing list from its per-model default
+    assert json.loads((tmp_path / "alone" / "adapter_config.json").read_text())["feedforward_modules"] == []
+
+    base_dir = tmp_path / "base"
+    tiny_qwen3().save_pretrained(str(base_dir))
+    checkpoint = tmp_path / "adapter.safetensors"
+    assert cli(["import-peft", str(tmp_path / "peft"), str(checkpoint), "--model", str(base_dir)]) == 0
+    assert cli(["export-peft", str(checkpoint), str(tmp_path / "back"), "--model", str(base_dir)]) == 0
+    original, back = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("peft", "back"))
+    assert set(original) == set(back) and all(torch.equal(original[k], back[k]) for k in original)
+
+
+def test_ia3_pair_on_some_layers_is_written_with_full_paths(tmp_path):
+    if not {"ia3", "ia3_ff"} <= installed:
+        pytest.skip("ia3 not installed")
+    model = tiny_qwen3()
+    atts = [ll.attach(model, ll.LoraLiteConfig(variant="ia3", target_names=(r"\.q_proj$",), layers=(1,))),
+            ll.attach(model, ll.LoraLiteConfig(variant="ia3_ff", target_names=(r"\.down_proj$",)))]
+    with torch.no_grad():
+        for p in (p for a in atts for p in a.trainable_parameters()):
+            p.add_(torch.randn_like(p) * 0.1)
+    batch = token_batch()
+    ours = logits(model, batch)
+    ll.export_peft(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["feedforward_modules"] == atts[1].target_names
+    assert config["target_modules"] == atts[0].target_names + atts[1].target_names
+    pm = peft.PeftModel.from_pretrained(tiny_qwen3(), str(tmp_path)).eval()
+    torch.testing.assert_close(logits(pm, batch), ours, rtol=0, atol=1e-5)
+    fresh = tiny_qwen3()
+    ll.import_peft(fresh, tmp_path)
+    assert [a.target_names for a in ll.attachments(fresh)] == [a.target_names for a in atts]
+    torch.testing.assert_close(logits(fresh, batch), ours, rtol=0, atol=0)
