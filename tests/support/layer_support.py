@@ -30,14 +30,19 @@ from lora_lite.checks import same_bits
 
 from .kits import Qwen3Models, kit_for
 
-# column -> (architecture, bnb setting or None)
+# column -> (architecture, bnb setting / layer targeted by name, or None)
 KINDS = {
     "Linear": ("qwen3", None),
     "bnb 4-bit nf4": ("qwen3", "bnb-nf4"),
     "bnb 4-bit fp4": ("qwen3", "bnb-fp4"),
     "bnb 8-bit": ("qwen3", "bnb-int8"),
     "Conv1D (GPT-2)": ("gpt2", None),
+    "Embedding": ("qwen3", "embed"),
+    "Conv1d": ("conv", "conv1d"),
+    "Conv2d": ("conv", "conv2d"),
 }
+# kinds only target_names selects (not linear-like): the module each column adapts
+BY_NAME = {"embed": (r"\.embed_tokens$",), "conv1d": (r"^seq$",), "conv2d": (r"^conv$", r"^mid$")}
 # rows beyond one per installed variant: opt-in knobs whose behaviour differs by layer kind
 EXTRA_ROWS = {"pissa": [{"quantized": "requantize"}], "lora": [{"init": "olora"}]}
 
@@ -45,11 +50,29 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "layers.md"
 BEGIN, END = "<!-- support-table:begin -->", "<!-- support-table:end -->"
 
 
+class ConvNet(torch.nn.Module):
+    """Two Conv2d, one Conv1d over the flattened feature map, a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.mid = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.seq = torch.nn.Conv1d(8, 8, 3, padding=1)
+        self.head = torch.nn.Linear(8, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.mid(torch.relu(self.conv(x))))
+        return self.head(torch.relu(self.seq(h.flatten(2))).mean(-1))
+
+
 def make_model(kind: str, seed: int = 0) -> torch.nn.Module:
     arch, setting = KINDS[kind]
     if arch == "gpt2":
         return tiny_gpt2(seed)
-    return bnb_qwen3(setting, seed) if setting else tiny_qwen3(seed)
+    if arch == "conv":
+        torch.manual_seed(seed)
+        return ConvNet().eval()
+    return bnb_qwen3(setting, seed) if setting and setting.startswith("bnb") else tiny_qwen3(seed)
 
 
 class LayerKindKit(Qwen3Models):
@@ -59,6 +82,23 @@ class LayerKindKit(Qwen3Models):
 
     def make_model(self):
         return make_model(self.kind, self.seed)
+
+    def make_config(self, **overrides):
+        names = BY_NAME.get(KINDS[self.kind][1])
+        return super().make_config(**({"target_names": names, "exclude_names": ()} if names else {}), **overrides)
+
+    def make_batch(self, model):
+        if KINDS[self.kind][0] == "conv":
+            return torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(self.seed + 1))
+        return super().make_batch(model)
+
+    def run_model(self, model, batch):
+        return model(batch) if KINDS[self.kind][0] == "conv" else super().run_model(model, batch)
+
+    def objective(self, model, batch):
+        if KINDS[self.kind][1] == "embed":  # an embedding adapter moves logits little: train on the LM loss
+            return lambda m: m(**batch, labels=batch["input_ids"]).loss
+        return super().objective(model, batch)
 
 
 @dataclass(frozen=True)
@@ -107,6 +147,8 @@ def measure(variant: str, knobs_items: tuple[tuple[str, Any], ...], kind: str) -
     kit = kit_for(variant, LayerKindKit)
     kit.kind = kind
     kit.config_kwargs = {**kit.config_kwargs, **dict(knobs_items)}
+    if KINDS[kind][1] == "embed":
+        kit.train_lr = 5e-2  # one row of A per token, few tokens per step: the LM loss needs a larger rate
     model = kit.make_model()
     batch = kit.make_batch(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
