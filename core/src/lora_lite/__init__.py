@@ -30,6 +30,7 @@ from .errors import (
     UnknownVariantError,
     WeightAccessError,
 )
+from .calibration import run_calibration, run_model_on
 from .functional import low_rank_update
 from .merging import merge, merge_and_unload, save_merged, unmerge
 from .hookspecs import hookimpl, hookspec
@@ -57,6 +58,7 @@ except PackageNotFoundError:  # running from a source tree without an install
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "run_calibration", "run_model_on",
     "AlreadyAttachedError", "AttachError", "Attachment", "CalibrationError", "CheckpointError",
     "CheckpointFormatError", "CheckpointMismatchError", "ConfigError", "ForwardError", "LayerKind", "LoraExport",
     "LoraLiteConfig", "LoraLiteError", "MergeError", "MissingDependencyError", "ModelLoadError",

@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -153,19 +152,6 @@ def _antipasto3_delta(t: torch.Tensor) -> None:
 # -- calibration ------------------------------------------------------------------------------
 
 
-def _run(model, batch):
-    device = next(model.parameters()).device
-    if isinstance(batch, torch.Tensor):
-        return model(batch.to(device))
-    if isinstance(batch, Mapping):
-        return model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
-    if isinstance(batch, (list, tuple)):
-        return model(*[v.to(device) if isinstance(v, torch.Tensor) else v for v in batch])
-    raise ll.CalibrationError(
-        f"antipasto: a calibration batch is a {type(batch).__name__}; pass tensors, dicts of model inputs or tuples."
-    )
-
-
 def activation_scores(model, targets, vhs: dict[str, torch.Tensor], calibration_data) -> dict[str, torch.Tensor]:
     """``{target: mean over tokens of |Vh_full x|}`` (one number per singular direction)."""
     sums = {t.name: 0.0 for t in targets}
@@ -180,26 +166,8 @@ def activation_scores(model, targets, vhs: dict[str, torch.Tensor], calibration_
             counts[name] += h.shape[0]
         return hook
 
-    if isinstance(calibration_data, (torch.Tensor, Mapping)):
-        calibration_data = [calibration_data]
-    handles = [t.layer.register_forward_pre_hook(capture(t.name)) for t in targets]
-    # eval for the pass, but quantized layers keep their mode (an eval forward re-lays out bnb
-    # 4-bit storage on CPU); every module's own mode is restored afterwards
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    for module, mode in modes:
-        kind = ll.layer_kind(module) if mode else None
-        if kind is not None and kind.quantized:
-            module.training = True
-    try:
-        with torch.no_grad():
-            for batch in calibration_data:
-                _run(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-        for module, mode in modes:
-            module.training = mode
+    ll.run_calibration(model, calibration_data, variant="antipasto", why="selects singular triplets from activations",
+                       pre_hooks=[(t.host, capture(t.name)) for t in targets])
     empty = [n for n, c in counts.items() if c == 0]
     if empty:
         raise ll.CalibrationError(f"antipasto: calibration reached no input of {empty[:3]}; pass at least one batch.")

@@ -39,7 +39,6 @@ written. Not implemented from PEFT: per-layer ``rank_pattern``, the covariance/c
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -47,7 +46,6 @@ import torch
 import torch.nn.functional as F
 
 import lora_lite as ll
-from lora_lite.weights import host_layer
 
 
 @dataclass
@@ -73,38 +71,11 @@ def _capture(name, acc):
 
 def covariances(model, targets, calibration_data) -> dict[str, torch.Tensor]:
     """``{target name: (d_in, d_in) float32 mean over calls of X^T X / max|X|^2}``."""
-    if calibration_data is None:
-        raise ll.CalibrationError(
-            "corda decomposes each weight against the covariance of its inputs and needs data: call "
-            "lora_lite.attach(model, cfg, calibration_data=batches) with batches of representative inputs."
-        )
-    if isinstance(calibration_data, (torch.Tensor, Mapping)):
-        calibration_data = [calibration_data]
     acc = {}
-    handles = [host_layer(t.layer).register_forward_hook(_capture(t.name, acc)) for t in targets]
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    for module, mode in modes:  # bnb re-lays out quantized storage on a mode switch: leave those alone
-        kind = ll.layer_kind(module) if mode else None
-        if kind is not None and kind.quantized:
-            module.training = True
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            for batch in calibration_data:
-                if isinstance(batch, Mapping):
-                    model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
-                elif isinstance(batch, torch.Tensor):
-                    model(batch.to(device))
-                else:
-                    raise ll.CalibrationError(
-                        f"corda: a calibration batch is a {type(batch).__name__}; pass dicts of model inputs or tensors."
-                    )
-    finally:
-        for h in handles:
-            h.remove()
-        for module, mode in modes:
-            module.training = mode
+    ll.run_calibration(
+        model, calibration_data, variant="corda", why="decomposes each weight against the covariance of its inputs",
+        forward_hooks=[(t.host, _capture(t.name, acc)) for t in targets],
+    )
     missing = [t.name for t in targets if t.name not in acc]
     if missing:
         raise ll.CalibrationError(f"corda: the calibration data never reached {missing[:3]}; exclude them or use other data.")

@@ -103,36 +103,13 @@ def _run_batch(model, batch, cfg, batch_mask):
 
 def principal_components(model, targets, cfg, calibration_data) -> dict[str, torch.Tensor]:
     """``{target name: (r, d_in) top-r principal components of its inputs}`` over the data."""
-    if calibration_data is None:
-        raise ll.CalibrationError(
-            "eva initialises lora_A from the principal components of each target's inputs and needs data: "
-            "call lora_lite.attach(model, cfg, calibration_data=batches) with a few batches of model inputs."
-        )
-    if isinstance(calibration_data, (torch.Tensor, Mapping)):
-        calibration_data = [calibration_data]
     moments = {t.name: _Moments() for t in targets}
     batch_mask = [None]
-    handles = [t.host.register_forward_pre_hook(_capture(t.name, moments[t.name], batch_mask)) for t in targets]
-    # restore every module's own mode afterwards, not just the root's: a model may mix
-    # them (bnb 8-bit layers compute differently in train and eval mode)
-    modes, seen = [(m, m.training) for m in model.modules()], 0
-    model.eval()
-    for module, mode in modes:  # but quantized layers keep theirs: an eval forward makes bnb
-        kind = ll.layer_kind(module) if mode else None  # re-lay out (and round) 4-bit storage on CPU
-        if kind is not None and kind.quantized:
-            module.training = True
-    try:
-        with torch.no_grad():
-            for batch in calibration_data:
-                _run_batch(model, batch, cfg, batch_mask)
-                seen += 1
-    finally:
-        for h in handles:
-            h.remove()
-        for module, mode in modes:
-            module.training = mode
-    if not seen:
-        raise ll.CalibrationError("eva: calibration_data yielded no batches; pass at least one batch of inputs.")
+    ll.run_calibration(
+        model, calibration_data, variant="eva", why="initialises lora_A from the principal components of each "
+        "target's inputs", run=lambda m, batch: _run_batch(m, batch, cfg, batch_mask),
+        pre_hooks=[(t.host, _capture(t.name, moments[t.name], batch_mask)) for t in targets],
+    )
     out = {}
     for t in targets:
         m = moments[t.name]

@@ -55,7 +55,6 @@ import torch
 import torch.nn.functional as F
 
 import lora_lite as ll
-from lora_lite.weights import host_layer
 
 
 @dataclass
@@ -172,38 +171,19 @@ def _capture(acc, counts, key):
 
 def weight_gradients(model, targets, calibration_data) -> dict[str, torch.Tensor]:
     """``{target name: dL/dW (d_out, d_in) float32}``, averaged over the calls of each target."""
-    if calibration_data is None:
-        raise ll.CalibrationError(
-            "lora_ga initialises A and B from the gradient of a calibration loss and needs data: call "
-            "lora_lite.attach(model, cfg, calibration_data=batches) with a few training batches."
-        )
-    if isinstance(calibration_data, (torch.Tensor, Mapping)):
-        calibration_data = [calibration_data]
     for p in model.parameters():  # core restores requires_grad and .grad after group_init
         p.requires_grad_(False)
     acc, counts = {}, {}
-    handles = [host_layer(t.layer).register_forward_hook(_capture(acc, counts, t.name)) for t in targets]
-    modes = [(m, m.training) for m in model.modules()]
-    model.train()  # as PEFT's estimate; quantized layers keep their mode (bnb re-lays out storage on a switch)
-    for module, mode in modes:
-        kind = ll.layer_kind(module)
-        if kind is not None and kind.quantized:
-            module.training = mode
-    seen = 0
-    try:
-        with torch.enable_grad():
-            for batch in calibration_data:
-                loss = _batch_loss(model, batch)
-                if loss.requires_grad:
-                    loss.backward()
-                seen += 1
-    finally:
-        for h in handles:
-            h.remove()
-        for module, mode in modes:
-            module.training = mode
-    if not seen:
-        raise ll.CalibrationError("lora_ga: calibration_data yielded no batches; pass at least one batch.")
+
+    def run(m, batch):
+        loss = _batch_loss(m, batch)
+        if loss.requires_grad:
+            loss.backward()
+
+    ll.run_calibration(  # in train mode, as PEFT's estimate
+        model, calibration_data, variant="lora_ga", why="initialises A and B from the gradient of a calibration loss",
+        run=run, forward_hooks=[(t.host, _capture(acc, counts, t.name)) for t in targets], train=True, grad=True,
+    )
     out = {}
     for t in targets:
         if t.name not in acc:
