@@ -75,7 +75,10 @@ def make_base(base: nn.Module) -> nn.Module:
 def make_peft(base: nn.Module, p: Pairing, targets: tuple[str, ...], data: dict) -> nn.Module:
     from peft import get_peft_model
 
-    model = get_peft_model(copy.deepcopy(base), p.peft_config(targets))
+    model, config = copy.deepcopy(base), p.peft_config(targets)
+    if p.peft_preprocess is not None:  # PEFT's data-driven LoRA inits prepare the base model first
+        p.peft_preprocess(model, config, data)
+    model = get_peft_model(model, config)
     if p.peft_calibrate is not None:
         p.peft_calibrate(model, data)
     return model

@@ -29,6 +29,8 @@ class Pairing:
     lite_knobs: dict[str, Any] = field(default_factory=dict)
     # ``(peft_model, batch) -> None`` for data-calibrated inits (EVA)
     peft_calibrate: Callable[[Any, dict], None] | None = None
+    # ``(base model, peft config, batch) -> None`` run before ``get_peft_model`` (LoRA-GA, CorDA)
+    peft_preprocess: Callable[[Any, Any, dict], None] | None = None
     calibrated: bool = False
     only_targets: tuple[str, ...] | None = None
     # ``targets -> [(lora-lite variant, its targets), ...]`` when PEFT's one config is
@@ -86,6 +88,35 @@ def _eva_calibrate(peft_model, batch):
     initialize_lora_eva_weights(peft_model, dataloader=[batch], show_progress_bar=False)
 
 
+
+def _loraga(targets):
+    from peft import LoraConfig, LoraGAConfig
+
+    return LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(targets),
+                      init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig())
+
+
+def _loraga_preprocess(model, peft_config, batch):
+    from peft import preprocess_loraga
+
+    labelled = {**batch, "labels": batch["input_ids"]}
+    preprocess_loraga(model, peft_config, lambda: model(**labelled).loss.backward())
+
+
+def _corda(targets):
+    from peft import LoraConfig
+    from peft.tuners.lora.config import CordaConfig
+
+    return LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(targets),
+                      init_lora_weights="corda", corda_config=CordaConfig(corda_method="ipm"))
+
+
+def _corda_preprocess(model, peft_config, batch):
+    from peft.tuners.lora.corda import preprocess_corda  # needs the attrs package (PEFT 0.21 imports it)
+
+    rows = [{k: v[i:i + 1] for k, v in batch.items() if k != "labels"} for i in range(len(batch["input_ids"]))]
+    preprocess_corda(model, peft_config, run_model=lambda: [model(**row) for row in rows])
+
 PAIRINGS: dict[str, Pairing] = {p.name: p for p in [
     Pairing("lora", _lora()),
     Pairing("pissa", _lora(init_lora_weights="pissa_niter_4"), {"svd": "lowrank", "niter": 4}),
@@ -111,6 +142,8 @@ PAIRINGS: dict[str, Pairing] = {p.name: p for p in [
     Pairing("randlora", _peft("RandLoraConfig", r=R, randlora_alpha=int(ALPHA), randlora_dropout=0.0), {"alpha": ALPHA}),
     Pairing("vblora", _peft("VBLoRAConfig", r=4, num_vectors=256, vector_length=64, topk=2),
             {"r": 4, "num_vectors": 256, "vector_length": 64}),
+    Pairing("lora_ga", _loraga, calibrated=True, peft_preprocess=_loraga_preprocess),
+    Pairing("corda", _corda, calibrated=True, peft_preprocess=_corda_preprocess),
     Pairing("psoft", _peft("PsoftConfig", r=R, psoft_alpha=ALPHA)),
     Pairing("gralora", _peft("GraloraConfig", r=R, alpha=ALPHA)),
     # the bench loop calls neither ll.step nor update_and_allocate: both sides run as fixed-rank SVD-form LoRA

@@ -36,8 +36,10 @@ class ParamSpec:
     :param shape: tensor shape.
     :param init: ``"zeros"``, ``"ones"``, ``"kaiming"`` (``kaiming_uniform_(a=sqrt(5))``,
         as ``nn.Linear`` and PEFT initialise ``lora_A``), ``"normal"`` (std 1), a number
-        (constant fill), or a callable filling the tensor in place. ``init`` hooks may
-        overwrite it afterwards.
+        (constant fill), ``"empty"`` (left unset: an ``init`` hook fills it), or a callable
+        ``fn(tensor) -> None`` that fills the freshly allocated tensor in place under
+        ``no_grad`` (already in its storage dtype and on the layer's device; draw from
+        torch's global RNG, which ``attach`` callers seed). ``init`` hooks may overwrite it.
     :param trainable: whether the optimizer should see it (``requires_grad``).
     :param keep_fp32: store in float32 whatever ``cfg.dtype`` says. Use it for gates and
         scales that start near 1.0, where bf16's spacing (2^-7) would swallow small
