@@ -36,7 +36,12 @@ def test_layers_cell(variant, knobs, kind):
 def test_layers_foundation_variants_cover_every_kind_as_claimed():
     """What the foundation variants' docstrings claim, checked against the cells."""
     for kind, (_, setting) in support.KINDS.items():
-        assert _measure("lora", {}, kind).status == "yes"
+        assert _measure("lora", {}, kind).status == "yes"  # lora declares embeddings and convolutions too
+        if setting in support.BY_NAME:  # the others take linear-like layers only: a typed refusal
+            for variant in ("delora", "pissa"):
+                cell = _measure(variant, {}, kind)
+                assert (cell.status, cell.detail) == ("refused", "TargetingError"), (variant, kind, cell)
+            continue
         assert _measure("delora", {}, kind).status == "yes"
         expected = "refused" if setting else "yes"
         assert _measure("pissa", {}, kind).status == expected

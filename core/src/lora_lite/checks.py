@@ -451,7 +451,7 @@ def check_stacking_set_active_and_save_load(s: Subject) -> dict[str, float]:
     alone = s.make_model()
     load(alone, alone_path)
     a_alone = s.outputs(alone, batch)
-    if a.variant.additive:
+    if a.variant.is_additive(a.cfg):
         err_active = _max_abs(only_a, a_alone)
         measured["stack_active_err"] = err_active
         _expect(err_active == 0, f"with 'b' switched off the stack differs from 'a' alone by {err_active:.3g}", measured)
@@ -473,7 +473,7 @@ def check_mixed_batch_rows(s: Subject) -> dict[str, float]:
     cfg = s.make_config()
     torch.manual_seed(s.seed)
     a = attach(model, cfg, name="a", calibration_data=s.calibration(model))
-    if not a.variant.additive:
+    if not a.variant.is_additive(a.cfg):
         return {"additive": 0}
     perturb_adapter(a, s.seed + 31)
     torch.manual_seed(s.seed + 1)

@@ -65,7 +65,8 @@ class VariantInfo:
         most), for budget-matched comparisons; ``None`` where the layer shapes fix the
         size (IA3's gates).
     :param lrs: learning rates a comparison sweeps by default.
-    :param additive: the variant only adds ``delta(x)`` to the base output (a ``forward``
+    :param additive: (or a function ``cfg -> bool`` when it depends on the config: LoRA with
+        an init that rewrites the weight is not) the variant only adds ``delta(x)`` to the base output (a ``forward``
         hook ``y + delta(x)``, no input transform, no rewritten weight): rows of a batch
         may then use different attachments (``lora_lite.adapter_batch``).
     """
@@ -81,7 +82,11 @@ class VariantInfo:
     peft: Any = None
     size_knob: str | None = "r"
     lrs: tuple[float, ...] = DEFAULT_LRS
-    additive: bool = False
+    additive: bool | Callable[[LoraLiteConfig], bool] = False
+
+    def is_additive(self, cfg: LoraLiteConfig) -> bool:
+        """Whether an attachment with ``cfg`` only adds ``delta(x)`` (``additive`` may depend on the config)."""
+        return bool(self.additive(cfg)) if callable(self.additive) else self.additive
 
     def hook(self, name: str) -> Callable[..., Any] | None:
         return self.hooks.get(name)
@@ -220,8 +225,8 @@ def _metadata(plugin: Any, name: str, config_class: type[LoraLiteConfig]) -> dic
     ):
         raise PluginError(f"variant {name!r}: lrs must be a non-empty tuple of positive learning rates, got {lrs!r}.")
     additive = getattr(plugin, "additive", False)
-    if not isinstance(additive, bool):
-        raise PluginError(f"variant {name!r}: additive must be True or False, got {additive!r}.")
+    if not isinstance(additive, bool) and not callable(additive):
+        raise PluginError(f"variant {name!r}: additive must be True, False or a function of the config, got {additive!r}.")
     return {"layer_kinds": kinds, "peft": getattr(plugin, "peft", None), "size_knob": size_knob,
             "lrs": tuple(float(v) for v in lrs), "additive": additive}
 

@@ -139,6 +139,7 @@ class AdapterSlot(nn.Module):
     def __init__(self, host: nn.Module) -> None:
         super().__init__()
         self.__dict__[_HOST_ATTR] = host  # a plain reference: not a submodule (no cycle)
+        self.training = host.training  # then model.train() / .eval() reach it as the layer's child
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -698,7 +699,7 @@ def adapter_batch(model: nn.Module, ids: Sequence[str | None]):
     if state.merged:
         raise MergeError("the model's adapters are merged; lora_lite.unmerge(model) before mixing attachments per row.")
     used = [a for a in state.attachments if a.name in ids]
-    bad = sorted({a.variant.name for a in used if not a.variant.additive})
+    bad = sorted({a.variant.name for a in used if not a.variant.is_additive(a.cfg)})
     if bad:
         raise ConfigError(
             f"adapter_batch mixes additive variants only (y + delta(x), no input transform or rewritten weight); "

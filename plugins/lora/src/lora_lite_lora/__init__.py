@@ -168,7 +168,10 @@ class LoRA:
     name = "lora"
     config_class = LoRAConfig
     layer_kinds = ("linear-like", "embedding", "torch-conv1d", "torch-conv2d")
-    additive = True  # y + delta(x): rows of a batch may use different attachments
+    # y + delta(x): rows of a batch may use different attachments; not with OLoRA, whose init
+    # rewrites the weight (a row without this adapter would see W_res, not W)
+    def additive(cfg):
+        return cfg.init != "olora"
     # PEFT's LoRA is this equation term for term: both directions are exact
     peft = ll.PeftFormat(
         {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}, {"use_dora": False},
