@@ -25,6 +25,11 @@ class _PeakMemory(TorchDispatchMode):
         self._refs: list[weakref.ref] = []
 
     def track(self, t: torch.Tensor) -> None:
+        if t.layout != torch.strided:  # sparse (PEFT's SHiRA): count its dense parts, which own storages
+            if t.is_sparse:
+                self.track(t._indices())
+                self.track(t._values())
+            return
         st = t.untyped_storage()
         key = st._cdata
         if key in self.live:

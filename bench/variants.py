@@ -138,10 +138,10 @@ PAIRINGS: dict[str, Pairing] = {p.name: p for p in [
             {"n_frequency": 1000, "scaling": 150.0}),
     Pairing("shira", _peft("ShiraConfig", r=R)),
     Pairing("miss", _peft("MissConfig", r=R)),
-    Pairing("c3a", _peft("C3AConfig", block_size=64, init_weights=True), {"block_size": 64}),
+    Pairing("c3a", _peft("C3AConfig", block_size=16, init_weights=True), {"block_size": 16}),  # divides every bench width
     Pairing("randlora", _peft("RandLoraConfig", r=R, randlora_alpha=int(ALPHA), randlora_dropout=0.0), {"alpha": ALPHA}),
-    Pairing("vblora", _peft("VBLoRAConfig", r=4, num_vectors=256, vector_length=64, topk=2),
-            {"r": 4, "num_vectors": 256, "vector_length": 64}),
+    Pairing("vblora", _peft("VBLoRAConfig", r=4, num_vectors=256, vector_length=16, topk=2),  # 16 divides every width
+            {"r": 4, "num_vectors": 256, "vector_length": 16}),
     Pairing("lora_ga", _loraga, calibrated=True, peft_preprocess=_loraga_preprocess),
     Pairing("corda", _corda, calibrated=True, peft_preprocess=_corda_preprocess),
     Pairing("psoft", _peft("PsoftConfig", r=R, psoft_alpha=ALPHA)),

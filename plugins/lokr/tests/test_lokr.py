@@ -112,13 +112,16 @@ def test_init_default_and_lycoris():
 
 
 def test_auto_form_and_both_forms_agree_with_gradients():
-    layer_big = nn.Linear(256, 256)
+    layer_big = nn.Linear(512, 512)
     ll.attach(nn.Sequential(layer_big), ll.LoraLiteConfig(variant="lokr", r=4))
     assert layer_big.lora_op.__name__ == "_factorised"
+    layer_small = nn.Linear(256, 256)  # at most 256 x 256: dense (a few small matmuls cost more)
+    ll.attach(nn.Sequential(layer_small), ll.LoraLiteConfig(variant="lokr", r=4))
+    assert layer_small.lora_op.__name__ == "_dense"
     # prime widths split as 1 x d: with a full W2 (r >= max / 2) the Kronecker product is W2 itself,
     # and the factorised form only adds an op; with a rank-r W2 it is a LoRA, cheaper factorised
-    for r, form in ((66, "_dense"), (4, "_factorised")):
-        layer_prime = nn.Linear(127, 131)
+    for r, form in ((300, "_dense"), (4, "_factorised")):
+        layer_prime = nn.Linear(509, 521)
         ll.attach(nn.Sequential(layer_prime), ll.LoraLiteConfig(variant="lokr", r=r))
         assert layer_prime.lora_op.__name__ == form
 
