@@ -296,7 +296,7 @@ def plot_losses(report: ProbeReport, path: Path) -> None:
         raise MissingDependencyError(
             "the probe's loss-curve PNG needs matplotlib: pip install 'lora-lite-core[probe]' (or matplotlib)."
         ) from err
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, ax = plt.subplots(figsize=(9 if len(report.rows) > 12 else 6, 4), dpi=120)
     for row in report.rows:
         if row.losses:
             ax.plot(range(len(row.losses)), row.losses, marker="o", ms=3,
@@ -306,7 +306,9 @@ def plot_losses(report: ProbeReport, path: Path) -> None:
     ax.set_title(f"lora-lite probe: {report.settings.model}", fontsize=9)
     ax.grid(alpha=0.3)
     if any(r.losses for r in report.rows):
-        ax.legend()
+        many = len(report.rows) > 12  # 30+ variants: two small columns beside the axes
+        ax.legend(fontsize=6 if many else None, ncol=2 if many else 1,
+                  **({"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if many else {}))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
