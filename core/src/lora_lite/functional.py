@@ -26,3 +26,26 @@ def low_rank_update(
     if y is None:
         return F.linear(F.linear(x, a) * scale, b)
     return torch.add(y, F.linear(F.linear(x, a), b), alpha=scale)
+
+
+def offset_low_rank_update(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, a0: torch.Tensor, b0: torch.Tensor, scale: float,
+    y: torch.Tensor,
+) -> torch.Tensor:
+    """``y + scale (B A - B0 A0) x``: a LoRA whose non-zero start ``B0 A0`` is subtracted by
+    its own product (the two cancel exactly at init, so the adapter starts as the identity
+    without rewriting the base weight; CorDA, LoRA-GA). Factors are cast to ``x``'s dtype
+    only when they differ."""
+    dt = x.dtype
+    if a.dtype != dt:
+        a, b, a0, b0 = a.to(dt), b.to(dt), a0.to(dt), b0.to(dt)
+    delta = F.linear(F.linear(x, a), b) - F.linear(F.linear(x, a0), b0)
+    return torch.add(y, delta, alpha=scale)
+
+
+def offset_low_rank_merge(
+    weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, a0: torch.Tensor, b0: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """``W + scale (B A - B0 A0)`` in float32: the merged weight of :func:`offset_low_rank_update`."""
+    w = torch.addmm(weight, b.float(), a.float(), alpha=scale)
+    return torch.addmm(w, b0.float(), a0.float(), alpha=-scale)

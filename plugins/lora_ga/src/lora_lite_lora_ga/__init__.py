@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 import lora_lite as ll
+from lora_lite.functional import offset_low_rank_merge, offset_low_rank_update
 
 
 @dataclass
@@ -229,14 +230,9 @@ class LoRAGA:
                     getattr(t.layer, name).copy_(value)
 
     def forward(layer, x, y):
-        dt = x.dtype
-        a, b, a0, b0 = layer.lora_A, layer.lora_B, layer.lora_A0, layer.lora_B0
-        if a.dtype != dt:
-            a, b, a0, b0 = a.to(dt), b.to(dt), a0.to(dt), b0.to(dt)
-        delta = F.linear(F.linear(x, a), b) - F.linear(F.linear(x, a0), b0)
-        return torch.add(y, delta, alpha=layer.lora_scaling)
+        return offset_low_rank_update(x, layer.lora_A, layer.lora_B, layer.lora_A0, layer.lora_B0,
+                                      layer.lora_scaling, y)
 
     def merge(layer, weight, bias):
-        s = layer.lora_scaling
-        w = torch.addmm(weight, layer.lora_B.float(), layer.lora_A.float(), alpha=s)
-        return torch.addmm(w, layer.lora_B0.float(), layer.lora_A0.float(), alpha=-s), bias
+        return offset_low_rank_merge(weight, layer.lora_A, layer.lora_B, layer.lora_A0, layer.lora_B0,
+                                     layer.lora_scaling), bias
