@@ -27,8 +27,10 @@ from .errors import (
     CheckpointError,
     CheckpointFormatError,
     CheckpointMismatchError,
+    ConfigError,
     LoraLiteError,
     NotAttachedError,
+    PluginError,
     add_context,
 )
 from .runtime import DEFAULT_NAME, Attachment, _state, attach_for_load, attachments
@@ -277,20 +279,61 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> 
 
 
 def _hot_swap(att: Attachment, rec: dict[str, Any], tensors: dict[str, torch.Tensor], path) -> Attachment:
-    """Copy a saved adapter into an existing attachment of the same config, in place."""
+    """Copy a saved adapter into an existing attachment in place: of the same config, or of
+    another config of the same variant through the variant's ``hotswap`` hook."""
     cfg = _config(rec, path)
     if type(cfg) is not type(att.cfg) or cfg.to_dict() != att.cfg.to_dict():
-        differ = sorted(k for k, v in cfg.to_dict().items() if att.cfg.to_dict().get(k) != v)
-        raise CheckpointMismatchError(
-            f"{path}: hot-swapping into attachment {att.name!r} needs the same config; these differ: {differ}. "
-            f"Detach it and load the file instead (attachment {att.name!r} would then be rebuilt)."
-        )
+        hook = att.variant.hook("hotswap") if cfg.variant == att.cfg.variant else None
+        if hook is None:
+            differ = sorted(k for k, v in cfg.to_dict().items() if att.cfg.to_dict().get(k) != v)
+            raise CheckpointMismatchError(
+                f"{path}: hot-swapping into attachment {att.name!r} needs the same config; these differ: {differ} "
+                f"(variant {att.variant.name!r} has no hotswap hook to map other configs). Detach it and load the "
+                f"file instead (attachment {att.name!r} would then be rebuilt)."
+            )
+        return _hot_swap_mapped(att, rec, cfg, hook, tensors, path)
     _check_targets(att, rec, path)
     expected = _file_keys(att, rec)
     _check_tensors(expected, tensors, path)
     with torch.no_grad():
         for key, param in expected.items():
             param.copy_(tensors[key])
+    return att
+
+
+def _hot_swap_mapped(att: Attachment, rec: dict[str, Any], cfg: LoraLiteConfig, hook, tensors, path) -> Attachment:
+    """Hot-swap a file of another config through the variant's ``hotswap`` hook: every
+    target's tensors are mapped and checked first, then copied (all or nothing)."""
+    _check_targets(att, rec, path)
+    saved: dict[str, dict[str, torch.Tensor]] = {}
+    for key in rec["keys"]:
+        if key not in tensors:
+            raise CheckpointMismatchError(f"{path}: {key} is listed in the file's record but missing. {_REWRITE_HINT}")
+        target, pname = _split_key(key, rec["targets"])
+        saved.setdefault(target, {})[pname] = tensors[key]
+    plan = []
+    for t in att.targets:
+        mine = {n: getattr(t.layer, n) for n, spec in att.specs[t.name].items() if spec.persistent}
+        try:
+            with torch.no_grad():
+                got = hook(t.layer, att.cfg, cfg, saved.get(t.name, {}))
+        except ConfigError as err:
+            raise CheckpointMismatchError(f"{path}: cannot hot-swap into attachment {att.name!r} at {t.name}: {err}") from err
+        if not isinstance(got, dict) or set(got) != set(mine):
+            raise PluginError(
+                f"variant {att.variant.name!r}: hotswap on {t.name} must return tensors for {sorted(mine)}, got "
+                f"{sorted(got) if isinstance(got, dict) else type(got).__name__}."
+            )
+        for n, value in got.items():
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(mine[n].shape):
+                raise PluginError(
+                    f"variant {att.variant.name!r}: hotswap on {t.name} returned {n} of shape "
+                    f"{tuple(getattr(value, 'shape', ()))}; the layer's is {tuple(mine[n].shape)}."
+                )
+            plan.append((mine[n], value))
+    with torch.no_grad():
+        for param, value in plan:
+            param.copy_(value)
     return att
 
 

@@ -209,7 +209,28 @@ def regularization_loss(model, targets, cfg):
     """
 
 
-HOOK_NAMES = ("param_specs", "init", "group_init", "forward", "forward_input", "merge", "step", "regularization_loss")
+@hookspec
+def hotswap(layer, cfg, saved_cfg, saved):
+    """Map a saved adapter of another config of this variant onto this layer's tensors.
+
+    Called by ``lora_lite.load(model, path, name=...)`` when ``name`` is an existing
+    attachment of this variant whose config differs from the file's (a different rank,
+    alpha, ...): a hot-swap in place, so a ``torch.compile``d model does not recompile.
+    Without this hook such a load is refused (:class:`lora_lite.CheckpointMismatchError`).
+
+    :param layer: the target (or its adapter slot), with its tensors for config ``cfg``.
+    :param saved_cfg: the config the file was saved with.
+    :param saved: ``{tensor name: tensor}`` the file holds for this target.
+    :returns: ``{tensor name: tensor}`` for every persistent adapter tensor of the layer,
+        each shaped like the layer's (they are copied in place; nothing is re-created).
+        Raise :class:`lora_lite.ConfigError` when ``saved_cfg`` does not fit (e.g. a rank
+        above the one the attachment was padded to); the load is then refused and
+        nothing is copied.
+    """
+
+
+HOOK_NAMES = ("param_specs", "init", "group_init", "forward", "forward_input", "merge", "step", "regularization_loss",
+              "hotswap")
 
 
 def spec_args(hook: str) -> tuple[str, ...]:

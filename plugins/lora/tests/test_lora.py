@@ -38,6 +38,13 @@ class TestLoRADropoutConformance(VariantConformance):
         return loss
 
 
+class TestLoRAHotswapRankConformance(VariantConformance):
+    """Rank padded to hotswap_rank with zeros and a tensor scale: the whole contract holds."""
+
+    variant = "lora"
+    config_kwargs = {"hotswap_rank": 8}
+
+
 class TestLoRAOLoRAConformance(VariantConformance):
     variant = "lora"
     config_kwargs = {"init": "olora"}
@@ -337,3 +344,29 @@ def test_import_refuses_an_invalid_dropout(tmp_path):
     with pytest.raises(ll.PeftInteropError, match="dropout"):
         ll.import_peft(model, tmp_path)
     assert not ll.attachments(model)
+
+
+def test_a_padded_attachment_exports_to_peft_with_its_live_scale(tmp_path):
+    """hotswap_rank: after a hot-swap of a rank-2 adapter with another alpha, export_peft
+    writes rank R and the alpha of the live scale; PEFT's logits equal ours."""
+    peft = pytest.importorskip("peft")
+
+    def base():
+        torch.manual_seed(0)
+        return ToyTransformer()
+
+    small = base()
+    att = ll.attach(small, ll.LoraLiteConfig(variant="lora", r=2, alpha=5.0))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in att.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    path = ll.save(small, tmp_path / "r2.safetensors")
+    model = base()
+    ll.attach(model, ll.LoraLiteConfig(variant="lora", r=4, hotswap_rank=8), name="serve")
+    ll.load(model, path, name="serve")
+    x = torch.randn(2, 5, 32)
+    torch.testing.assert_close(model(x), small(x), atol=1e-6, rtol=1e-6)
+    ll.export_peft(model, tmp_path / "peft")
+    theirs = peft.PeftModel.from_pretrained(base(), tmp_path / "peft")
+    torch.testing.assert_close(theirs(x), model(x), atol=1e-5, rtol=1e-5)

@@ -259,7 +259,9 @@ def _export_group(model: nn.Module) -> list[tuple[Attachment, PeftFormat]]:
 def _export_tensors(att: Attachment, fmt: PeftFormat, ranks: set) -> Tensors:
     tensors: Tensors = {}
     for name, layer in ((t.name, t.layer) for t in att.targets):
-        if set(att.specs[name]) != set(fmt.keys) | set(fmt.shared):
+        mapped, held = set(fmt.keys) | set(fmt.shared), set(att.specs[name])
+        # a format with a convert may read more of the layer (LoRA's padded scale tensor)
+        if not mapped <= held if fmt.convert is not None else held != mapped:
             raise PeftInteropError(
                 f"{name} holds adapter tensors {sorted(att.specs[name])} but the {att.variant.name} PEFT format maps "
                 f"{sorted(set(fmt.keys) | set(fmt.shared))}; the variant's `peft` declaration is out of date."

@@ -17,6 +17,11 @@ Knobs (PEFT's ``LoraConfig`` names in brackets):
   embedding's adapter has no dropout (its input is token ids; PEFT does not apply it either).
 - ``use_rslora`` (``use_rslora``): rank-stabilised scale ``alpha / sqrt(r)`` (Kalajdzievski
   2023, https://arxiv.org/abs/2312.03732), so the update's size does not shrink as r grows.
+- ``hotswap_rank`` (PEFT's ``prepare_model_for_compiled_hotswap(target_rank=...)``): 0 (off)
+  or >= r: ``A`` (R, d_in) and ``B`` (d_out, R) padded with zeros (identity and training
+  unchanged: the padded rows and columns get zero gradients), the scale a (1,) tensor
+  ``lora_scale``; the ``hotswap`` hook then loads any LoRA adapter of rank <= R and any alpha
+  in place (``ll.load(model, path, name=...)``) without a ``torch.compile`` recompile.
 - ``init`` (``init_lora_weights``): ``"default"`` (kaiming-uniform A, zero B; PEFT's
   ``True``), ``"gaussian"`` (A ~ N(0, 1/r^2), zero B; PEFT's ``"gaussian"``), ``"olora"``
   (OLoRA, Büyükakyüz 2024, https://arxiv.org/abs/2406.01775: with the QR decomposition
@@ -75,8 +80,13 @@ class LoRAConfig(ll.LoraLiteConfig):
     dropout: float = 0.0
     use_rslora: bool = False
     init: str = "default"
+    hotswap_rank: int = 0
 
     def validate(self) -> None:
+        if self.hotswap_rank and self.hotswap_rank < self.r:
+            raise ll.ConfigError(f"lora hotswap_rank must be 0 (off) or >= r={self.r}, got {self.hotswap_rank}.")
+        if self.hotswap_rank and (self.dropout or self.init == "olora"):
+            raise ll.ConfigError("lora hotswap_rank does not combine with dropout or init='olora' yet.")
         if not 0.0 <= self.dropout < 1.0:
             raise ll.ConfigError(f"lora dropout must be in [0, 1), got {self.dropout}.")
         if self.init == "loftq":
@@ -94,6 +104,29 @@ def _gaussian(r: int):
         torch.nn.init.normal_(t, std=1 / r)  # PEFT's "gaussian": std 1/r, not 1/sqrt(r)
 
     return fill
+
+
+def _scale(cfg) -> float:
+    return cfg.alpha / (math.sqrt(cfg.r) if cfg.use_rslora else cfg.r)
+
+
+def _padded_kaiming(r: int):
+    """Kaiming-uniform rows 0..r-1 (nn.Linear's and PEFT's bound 1/sqrt(d_in)), zeros below."""
+    def fill(t: torch.Tensor) -> None:
+        t.zero_()
+        bound = 1.0 / math.sqrt(t.shape[1])
+        t[:r].uniform_(-bound, bound)
+
+    return fill
+
+
+def _padded_delta(layer, x, y):
+    # hot-swappable: the rank is padded to hotswap_rank with zeros and the scale is a tensor,
+    # so loading an adapter of another rank or alpha changes values, never shapes or constants
+    a, b, s = layer.lora_A, layer.lora_B, layer.lora_scale
+    if a.dtype != x.dtype:
+        a, b, s = a.to(x.dtype), b.to(x.dtype), s.to(x.dtype)
+    return y + F.linear(F.linear(x, a) * s, b)
 
 
 def _linear_dropout(layer, x, y):
@@ -138,9 +171,13 @@ def _whole(w: torch.Tensor) -> torch.Tensor:
 
 
 def _to_peft(layer, cfg, t):
-    """Export: the tensors as they are, except after ``init="olora"``: then the rank-2r LoRA
+    """Export: the tensors as they are (padded ones at rank ``hotswap_rank``, with the alpha
+    that gives their live scale), except after ``init="olora"``: then the rank-2r LoRA
     against the original weight, A' = [A; A0], B' = [B, -B0] with s B0 A0 = W - W_res (read
     back from the weight the init replaced), and alpha' that keeps PEFT's scale at s."""
+    if cfg.hotswap_rank:  # padded: PEFT gets rank R (the zero rows add nothing) and alpha for the live scale
+        big, s = cfg.hotswap_rank, float(layer.lora_scale)
+        return t, big, s * (math.sqrt(big) if cfg.use_rslora else big)
     if cfg.init != "olora":
         return t, cfg.r, cfg.alpha
     s, r = layer.lora_scaling, cfg.r
@@ -196,6 +233,19 @@ class LoRA:
             return {"lora_A": ll.ParamSpec((cfg.r, d_in), init="empty"),
                     "lora_B": ll.ParamSpec((d_out, cfg.r), init="empty")}
         a_init = _gaussian(cfg.r) if cfg.init == "gaussian" else "kaiming"
+        if cfg.hotswap_rank:
+            if kind in _CONV or kind == "embedding":
+                raise ll.ConfigError(f"lora hotswap_rank supports linear layers only; {target.name} is {kind}.")
+            big = cfg.hotswap_rank
+            if cfg.init == "gaussian":
+                a_init = lambda t, g=_gaussian(cfg.r): (t.zero_(), g(t[: cfg.r]))  # noqa: E731
+            else:
+                a_init = _padded_kaiming(cfg.r)
+            return {
+                "lora_A": ll.ParamSpec((big, d_in), init=a_init),
+                "lora_B": ll.ParamSpec((d_out, big), init="zeros"),
+                "lora_scale": ll.ParamSpec((1,), init=_scale(cfg), trainable=False, keep_fp32=True),
+            }
         if kind in _CONV:
             layer, ones = target.layer, (1,) * len(target.layer.kernel_size)
             return {
@@ -210,9 +260,12 @@ class LoRA:
         }
 
     def init(layer, cfg):
-        scale = cfg.alpha / (math.sqrt(cfg.r) if cfg.use_rslora else cfg.r)
+        scale = _scale(cfg)
         layer.lora_scaling = scale
         kind = ll.kind_name(layer)
+        if cfg.hotswap_rank:
+            layer.lora_op = _padded_delta
+            return
         # the hot path is chosen here, once: no dropout code runs when dropout == 0
         if kind in _CONV:
             layer.lora_conv = _CONV[kind]
@@ -236,4 +289,25 @@ class LoRA:
         # W' = W + s B A on the (d_out, d_in) weight view (a conv's kernels flattened, an embedding's table^T);
         # with init="olora" W is already W_res. Dropout is off in a merged model (eval semantics).
         a, b = layer.lora_A.float(), layer.lora_B.float()
-        return torch.addmm(weight, b.reshape(b.shape[0], -1), a.reshape(a.shape[0], -1), alpha=layer.lora_scaling), bias
+        s = float(layer.lora_scale) if layer.lora_cfg.hotswap_rank else layer.lora_scaling
+        return torch.addmm(weight, b.reshape(b.shape[0], -1), a.reshape(a.shape[0], -1), alpha=s), bias
+
+    def hotswap(layer, cfg, saved_cfg, saved):
+        # an adapter of any rank <= hotswap_rank and any alpha: its factors zero-padded, its scale
+        if not cfg.hotswap_rank:
+            raise ll.ConfigError(
+                f"the attachment has r={cfg.r} and the file r={saved_cfg.r}; to hot-swap adapters of other ranks, "
+                "attach with hotswap_rank=<the largest rank you will load> (PEFT's hotswap pads the same way)."
+            )
+        if saved_cfg.init == "olora" or saved_cfg.dropout:
+            raise ll.ConfigError("an OLoRA or dropout adapter cannot be hot-swapped into a padded attachment.")
+        a, b = saved["lora_A"], saved["lora_B"]
+        k = a.shape[0]
+        if a.dim() != 2 or a.shape[1] != layer.lora_A.shape[1] or b.shape != (layer.lora_B.shape[0], k):
+            raise ll.ConfigError(f"the file's factors {tuple(a.shape)}, {tuple(b.shape)} do not fit this layer.")
+        if k > cfg.hotswap_rank:
+            raise ll.ConfigError(f"the file's adapter has rank {k} > hotswap_rank={cfg.hotswap_rank}.")
+        big_a, big_b = torch.zeros_like(layer.lora_A), torch.zeros_like(layer.lora_B)
+        big_a[:k], big_b[:, :k] = a, b
+        scale = saved["lora_scale"] if "lora_scale" in saved else torch.tensor([_scale(saved_cfg)])
+        return {"lora_A": big_a, "lora_B": big_b, "lora_scale": scale.reshape(1).to(layer.lora_scale)}
