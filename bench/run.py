@@ -264,6 +264,55 @@ def bench_attach(shape, args, log) -> list[dict]:
     return rows
 
 
+def bench_adapters(shape, args, log) -> dict:
+    """Several LoRA adapters on one model (all linears): a mixed batch (``adapter_batch``,
+    rows gathered per adapter) against looping over the adapters (``set_active`` + a forward
+    on each adapter's rows), and the forward cost of inactive attachments (one active of
+    four) against the model with that one attachment only. Inference, no_grad."""
+    base = qwen3(shape)
+    names = ["a", "b", "c", "d"]
+    stacked, single = copy.deepcopy(base), copy.deepcopy(base)
+    for i, name in enumerate(names):
+        torch.manual_seed(i)
+        ll.attach(stacked, lite_config(PAIRINGS["lora"], TARGET_SETS["all"]), name=name)
+    ll.attach(single, lite_config(PAIRINGS["lora"], TARGET_SETS["all"]), name="a")
+    data = batch(bs=8)
+    ids = [names[i % len(names)] for i in range(8)]
+    rows = {n: [i for i, x in enumerate(ids) if x == n] for n in names}
+    stacked.eval(), single.eval()
+
+    def mixed():
+        with torch.no_grad(), ll.adapter_batch(stacked, ids):
+            stacked(**data)
+
+    def loop():
+        with torch.no_grad():
+            for n in names:
+                ll.set_active(stacked, [n])
+                stacked(**{k: v[rows[n]] for k, v in data.items()})
+        ll.set_active(stacked, names)
+
+    def one_of_four():
+        with torch.no_grad():
+            stacked(**data)
+
+    def alone():
+        with torch.no_grad():
+            single(**data)
+
+    mix = race({"mixed": mixed, "loop": loop}, repeats=args.repeats, warmup=args.warmup)
+    ll.set_active(stacked, ["a"])
+    inactive = race({"one_of_four": one_of_four, "alone": alone}, repeats=args.repeats, warmup=args.warmup)
+    ll.set_active(stacked, names)
+    out = {"shape": shape, "adapters": len(names), "batch": 8,
+           "mixed_over_loop": ratio(mix, "mixed", "loop"),
+           "inactive_over_alone": ratio(inactive, "one_of_four", "alone"),
+           "median_ms": {k: v * 1e3 for k, v in {**mix["median_s"], **inactive["median_s"]}.items()}}
+    log(f"  {shape}: mixed batch / loop over adapters {out['mixed_over_loop']:.3f}; one active of four / "
+        f"one attached {out['inactive_over_alone']:.3f}")
+    return out
+
+
 def _identity_error(model, ref, data) -> float:
     with torch.no_grad():
         out = model(**data).logits
@@ -445,6 +494,15 @@ def markdown(res: dict) -> str:
     for r in res["attach"]:
         out.append(f"| {r['shape']} | {r['targets']} | {r['median_ms']['lite']:.1f} | {r['median_ms']['peft']:.1f} | "
                    f"{r['lite_over_peft']:.3f} | <= {TARGETS['attach']} {_mark(r['lite_over_peft'], TARGETS['attach'])} |")
+    if res.get("adapters"):
+        r = res["adapters"]
+        out += ["", f"## Several adapters ({r['shape']}, lora on all linears, {r['adapters']} adapters, batch "
+                    f"{r['batch']}, inference)", "",
+                "| measurement | ratio | ms |", "|---|---|---|",
+                f"| mixed batch (`adapter_batch`) / loop over adapters (`set_active` + their rows) | "
+                f"{r['mixed_over_loop']:.3f} | {r['median_ms']['mixed']:.1f} / {r['median_ms']['loop']:.1f} |",
+                f"| one active of four attached / that one attached alone | {r['inactive_over_alone']:.3f} | "
+                f"{r['median_ms']['one_of_four']:.1f} / {r['median_ms']['alone']:.1f} |"]
     if res.get("pissa_init"):
         r = res["pissa_init"]
         out += ["", f"## PiSSA init ({r['shape']}, q/v)", "", "| method | seconds | identity rel. error |", "|---|---|---|"]
@@ -519,7 +577,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="tiny shape only, fewer repeats, small init model")
     ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds per measurement")
     ap.add_argument("--variants", default=None, help="comma-separated subset of variants")
-    ap.add_argument("--skip", default="", help="comma-separated sections to skip: models,phases,layer,attach,pissa,memory,compile")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: models,phases,layer,attach,adapters,pissa,memory,compile")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is steadiest on a shared box)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
@@ -545,7 +603,8 @@ def main(argv: list[str] | None = None) -> dict:
     res = {"command": "python -m bench.run " + " ".join(sys.argv[1:] if argv is None else argv),
            "args": {"quick": args.quick, "repeats": args.repeats}, "machine": machine_info(),
            "targets": TARGETS, "variants": [p.name for p in pairings], "skipped": skipped,
-           "models": [], "phases": [], "layer": [], "attach": [], "pissa_init": None, "memory": [], "compile": []}
+           "models": [], "phases": [], "layer": [], "attach": [], "adapters": None, "pissa_init": None, "memory": [],
+           "compile": []}
     if "models" not in skip:
         log("train step / inference forward:")
         res["models"] = bench_models(shapes, pairings, args, log)
@@ -560,6 +619,9 @@ def main(argv: list[str] | None = None) -> dict:
     if "attach" not in skip:
         log("attach:")
         res["attach"] = bench_attach(shapes[-1], args, log)
+    if "adapters" not in skip and "lora" in {p.name for p in pairings}:
+        log("several adapters:")
+        res["adapters"] = bench_adapters(shapes[-1], args, log)
     if "pissa" not in skip and "pissa" in {p.name for p in pairings}:
         log("pissa init:")
         res["pissa_init"] = bench_pissa_init(init_shape, args, log)

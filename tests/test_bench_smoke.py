@@ -35,6 +35,7 @@ def test_bench_quick_writes_results_with_equal_param_counts(tmp_path):
     assert {(tuple(r["x"]), r["mode"]) for r in res["layer"]} == {
         (x, mode) for x in ((4, 128, 64), (4, 128, 512), (1, 1, 64), (1, 1, 512)) for mode in ("no_grad", "grad")}
     assert [r["targets"] for r in res["attach"]] == ["qv", "all"]
+    assert res["adapters"]["mixed_over_loop"] > 0 and res["adapters"]["inactive_over_alone"] > 0
     for row in res["phases"]:  # forward, backward and optimizer of one lora step, each > 0 for an adapter
         assert set(row["median_ms"]) == {"forward", "backward", "optimizer"}
         assert all(row["median_ms"]["forward"][who] > 0 for who in ("base", "peft", "lite"))
