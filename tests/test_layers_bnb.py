@@ -15,7 +15,7 @@ from lora_lite.testing import parametrize_with_checks
 
 from .support.kits import kit_for
 from .support.layer_support import KINDS, LayerKindKit, make_model, same_state
-from .support.models import BNB_WIDE, bnb_qwen3, quantize_linears, tiny_qwen3, token_batch
+from .support.models import BNB_WIDE, bnb_qwen3, tiny_qwen3, token_batch
 
 bnb = pytest.importorskip("bitsandbytes")
 pytest.importorskip("transformers")

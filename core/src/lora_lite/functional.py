@@ -28,6 +28,20 @@ def low_rank_update(
     return torch.add(y, F.linear(F.linear(x, a), b), alpha=scale)
 
 
+def offset_low_rank_specs(d_in: int, d_out: int, r: int) -> dict:
+    """The tensors of :func:`offset_low_rank_update`: trainable ``lora_A`` (r, d_in) and
+    ``lora_B`` (d_out, r), frozen saved copies ``lora_A0``/``lora_B0`` of their start, all
+    zeros until ``group_init`` writes the calibrated start into both pairs."""
+    from .params import ParamSpec
+
+    return {
+        "lora_A": ParamSpec((r, d_in), init="zeros"),
+        "lora_B": ParamSpec((d_out, r), init="zeros"),
+        "lora_A0": ParamSpec((r, d_in), init="zeros", trainable=False),
+        "lora_B0": ParamSpec((d_out, r), init="zeros", trainable=False),
+    }
+
+
 def offset_low_rank_update(
     x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, a0: torch.Tensor, b0: torch.Tensor, scale: float,
     y: torch.Tensor,

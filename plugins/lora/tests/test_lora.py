@@ -312,7 +312,7 @@ def test_export_loads_in_peft_and_imports_back(tmp_path, kw):
 
 @pytest.mark.parametrize("cfg", [{"use_rslora": True, "lora_dropout": 0.2}, {"lora_dropout": 0.0}])
 def test_import_of_a_peft_adapter_keeps_its_knobs(tmp_path, cfg):
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     _, theirs = _pair(**cfg)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():

@@ -45,7 +45,7 @@ from typing import Literal
 import torch
 
 import lora_lite as ll
-from lora_lite.functional import offset_low_rank_merge, offset_low_rank_update
+from lora_lite.functional import offset_low_rank_merge, offset_low_rank_specs, offset_low_rank_update
 
 
 @dataclass
@@ -110,12 +110,7 @@ class CorDA:
             raise ll.ConfigError(
                 f"corda r={cfg.r} exceeds min(d_in, d_out)={min(d_in, d_out)} of a target; lower r or narrow the targets."
             )
-        return {
-            "lora_A": ll.ParamSpec((cfg.r, d_in), init="zeros"),
-            "lora_B": ll.ParamSpec((d_out, cfg.r), init="zeros"),
-            "lora_A0": ll.ParamSpec((cfg.r, d_in), init="zeros", trainable=False),
-            "lora_B0": ll.ParamSpec((d_out, cfg.r), init="zeros", trainable=False),
-        }
+        return offset_low_rank_specs(d_in, d_out, cfg.r)
 
     def init(layer, cfg):
         layer.lora_scaling = cfg.alpha / cfg.r

@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 import lora_lite as ll
-from lora_lite.functional import offset_low_rank_merge, offset_low_rank_update
+from lora_lite.functional import offset_low_rank_merge, offset_low_rank_specs, offset_low_rank_update
 
 
 @dataclass
@@ -211,12 +211,7 @@ class LoRAGA:
                 f"lora_ga takes 2r={2 * cfg.r} singular directions of each gradient, more than min(d_in, d_out)="
                 f"{min(d_in, d_out)} of a target; lower r or narrow the targets."
             )
-        return {
-            "lora_A": ll.ParamSpec((cfg.r, d_in), init="zeros"),
-            "lora_B": ll.ParamSpec((d_out, cfg.r), init="zeros"),
-            "lora_A0": ll.ParamSpec((cfg.r, d_in), init="zeros", trainable=False),
-            "lora_B0": ll.ParamSpec((d_out, cfg.r), init="zeros", trainable=False),
-        }
+        return offset_low_rank_specs(d_in, d_out, cfg.r)
 
     def init(layer, cfg):
         layer.lora_scaling = cfg.alpha / cfg.r
