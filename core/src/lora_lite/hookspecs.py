@@ -18,6 +18,8 @@ Declarations core reads (all optional; see :class:`lora_lite.plugins.VariantInfo
         size_knob = "r"               # the int knob a budget-matched comparison scales
                                       # (None: the size is fixed by the layer shapes)
         lrs = (1e-4, 3e-4, 1e-3)      # learning rates a comparison sweeps
+        additive = True               # forward is y + delta(x) only (or a function of cfg):
+                                      # adapter_batch may mix such attachments per row
 
 pluggy does discovery, registration and signature validation. It does NOT dispatch on
 the forward path: at ``attach`` the runtime looks up the configured variant's own
