@@ -1,7 +1,8 @@
 """Every installed variant merges: merged forward equals the hooked forward, unmerge puts
 the storage back bit for bit, merge_and_unload leaves a plain model; on nn.Linear (toy and
-Qwen3 architecture) and GPT-2's Conv1D. The adapters are perturbed away from identity first,
-so a merge that ignored them would fail."""
+Qwen3 architecture), GPT-2's Conv1D and bitsandbytes 4-bit/8-bit with ``dequantize=True``.
+The adapters are perturbed away from identity first, so a merge that ignored them would
+fail."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from lora_lite import checks
 from lora_lite.testing import parametrize_with_checks
 
 from .support.kits import Qwen3Models, kit_for
-from .support.models import tiny_gpt2, tiny_qwen3, token_batch
+from .support.models import bnb_qwen3, tiny_gpt2, tiny_qwen3, token_batch
 
 VARIANTS = [v.name for v in ll.list_variants()]
 
@@ -25,17 +26,38 @@ class GPT2Models(Qwen3Models):
         return tiny_gpt2(self.seed)
 
 
-MODEL_KITS = {"toy": None, "qwen3": Qwen3Models, "gpt2": GPT2Models}
+def _bnb_kit(setting):
+    class BnbModels(Qwen3Models):
+        """Kit mixin: the widened Qwen3 with bitsandbytes layers, merged with dequantize=True."""
+
+        merge_options = {"dequantize": True}
+
+        def make_model(self):
+            pytest.importorskip("bitsandbytes")
+            return bnb_qwen3(setting, self.seed)
+
+    return BnbModels
+
+
+MODEL_KITS = {"toy": None, "qwen3": Qwen3Models, "gpt2": GPT2Models,
+              "bnb-nf4": _bnb_kit("bnb-nf4"), "bnb-int8": _bnb_kit("bnb-int8")}
 
 
 @pytest.mark.parametrize("arch", list(MODEL_KITS))
 @parametrize_with_checks(VARIANTS, [checks.check_merge_equals_hooked])
 def test_merge_equals_hooked_unmerge_is_exact_unload_is_clean(variant, check, arch, tmp_path):
-    """The contract's merge check on the plugin's own kit (toy), Qwen3 and GPT-2; every
-    variant shipped here merges."""
+    """The contract's merge check on the plugin's own kit (toy), Qwen3, GPT-2 and bnb
+    (``dequantize=True``); every variant shipped here merges. A variant that refuses
+    quantized layers at attach (typed, see docs/layers.md) has nothing to merge there."""
     if arch != "toy":
         pytest.importorskip("transformers")
-    assert check(kit_for(variant, MODEL_KITS[arch]).subject(tmp_path))["mergeable"] == 1
+    subject = kit_for(variant, MODEL_KITS[arch]).subject(tmp_path)
+    if arch.startswith("bnb"):
+        try:
+            subject.attach(subject.make_model())
+        except (ll.WeightAccessError, ll.AttachError) as err:
+            pytest.skip(f"{variant} refuses {arch} at attach: {type(err).__name__}")
+    assert check(subject)["mergeable"] == 1
 
 
 def test_save_merged_loads_with_plain_transformers_and_gives_the_adapted_logits(tmp_path):

@@ -2,7 +2,8 @@
 (random widths, square or not), ranks, model and adapter dtypes (fp32, bf16, fp16) and
 2D/3D/4D inputs. For each: identity at init, exact save/load round trips (fresh model
 and save -> detach -> load on the same model), detach restores everything bit for bit,
-and gradients reach adapter tensors only.
+gradients reach adapter tensors only, and merge equals the hooked forward (unmerge exact,
+merge_and_unload clean).
 
 Deterministic (``derandomize=True``, no example database) so CI sees the same examples
 every run. A variant that refuses an example (``ConfigError``, e.g. a rank its layers
@@ -180,3 +181,34 @@ def test_gradients_reach_adapter_tensors_only(variant, ex):
             assert torch.isfinite(p.grad).all(), f"adapter tensor {name} got a non-finite gradient"
         else:
             assert p.grad is None, f"base parameter {name} received a gradient"
+
+
+@property_over_variants
+def test_merge_equals_hooked_unmerge_is_exact_unload_is_clean(variant, ex):
+    """Merge over drawn shapes, ranks and dtypes: the merged forward equals the hooked one
+    within the model dtype's rounding (the merged weight is stored in it), the hooks stop
+    contributing, unmerge restores every base tensor bit for bit, and merge_and_unload leaves
+    a plain ``nn.Sequential`` computing the merged function."""
+    model = ex.model()
+    x = ex.batch()
+    att = attach(variant, ex, model)
+    assert att.variant.mergeable, f"{variant} has no merge hook"
+    perturb(att, ex.seed)
+    hooked = outputs(model, x)
+    base_state = {k: v.clone() for k, v in model.state_dict().items() if ".lora_" not in k}
+    ll.merge(model)
+    merged = outputs(model, x)
+    # one rounding of each merged weight to the model dtype, carried through at most 3 layers
+    atol = 4 * IDENTITY_ATOL[ex.model_dtype] * max(1.0, hooked.abs().max().item())
+    err = (merged.float() - hooked.float()).abs().max().item()
+    assert err <= atol, f"merged outputs differ from hooked ones by {err:.3e} (> {atol:.3e})"
+    perturb(att, ex.seed + 1)
+    assert torch.equal(outputs(model, x), merged), "after merge the hooks still contribute"
+    ll.unmerge(model)
+    now = model.state_dict()
+    assert all(torch.equal(now[k], v) and now[k].dtype == v.dtype for k, v in base_state.items()), \
+        "unmerge did not restore the base tensors bit for bit"
+    plain = ll.merge_and_unload(model)
+    assert not ll.attachments(plain) and not any(".lora_" in k for k in plain.state_dict())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in plain.modules())
+    assert set(plain.state_dict()) == set(base_state)

@@ -58,6 +58,8 @@ class Subject:
     :param identity_atol: ``model -> tolerance`` for "same outputs" (default: :data:`IDENTITY_ATOL`
         by the model's dtype).
     :param on_step: called after every optimizer step (progress bars).
+    :param merge_options: keyword arguments of ``merge`` / ``merge_and_unload`` in the merge
+        check (``{"dequantize": True}`` on a bitsandbytes model).
     """
 
     variant: str
@@ -74,6 +76,7 @@ class Subject:
     workdir: Path | None = None
     identity_atol: Callable[[nn.Module], float] | None = None  # default: IDENTITY_ATOL by the model's dtype
     on_step: Callable[[], None] = field(default=lambda: None)
+    merge_options: dict[str, Any] = field(default_factory=dict)
 
     def with_(self, **changes: Any) -> Subject:
         return replace(self, **changes)
@@ -378,7 +381,7 @@ def check_merge_equals_hooked(s: Subject) -> dict[str, float]:
     moved = _max_abs(hooked, base)
     assert moved > PERTURB_MIN, f"the perturbed adapter changed nothing ({moved:.3g}): the check would be void"
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    merge(model)
+    merge(model, **s.merge_options)
     merged = s.outputs(model, batch)
     tol = s.atol(model) * max(hooked.abs().max().item(), 1.0)
     err = _max_abs(merged, hooked)
@@ -401,7 +404,7 @@ def check_merge_equals_hooked(s: Subject) -> dict[str, float]:
                 p.copy_(state[k])
     err_back = _max_abs(s.outputs(model, batch), hooked)
     _expect(err_back == 0, f"after unmerge the hooked outputs differ by {err_back:.3g}", measured)
-    merge_and_unload(model)
+    merge_and_unload(model, **s.merge_options)
     left = [k for k in model.state_dict() if ".lora_" in k]
     _expect(not left, f"merge_and_unload left adapter tensors: {left[:5]}", measured)
     hooks = [n for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]

@@ -96,6 +96,7 @@ class VariantConformance:
     train_steps: int = 20
     train_lr: float = 1e-2
     min_loss_drop: float = 0.05
+    merge_options: dict[str, Any] = {}  # merge(model, **merge_options) in the merge check
 
     # -- overridable fixtures ------------------------------------------------------
     def make_config(self, **overrides: Any) -> ll.LoraLiteConfig:
@@ -143,6 +144,7 @@ class VariantConformance:
             objective=self.objective, make_config=self.make_config, calibration=self.calibration_data,
             train_steps=self.train_steps, train_lr=self.train_lr, min_loss_drop=self.min_loss_drop,
             seed=self.seed, workdir=workdir, identity_atol=self.identity_atol,
+            merge_options=self.merge_options,
         )
 
     # helpers kept for plugin tests written against earlier releases
