@@ -385,6 +385,51 @@ def bench_memory(shape, pairings, log) -> list[dict]:
     return rows
 
 
+def bench_merge(shape, pairings, args, log) -> list[dict]:
+    """Per variant (all linears): the time of ``ll.merge_and_unload`` vs PEFT's
+    ``merge_and_unload()`` (fresh deep copies, copying untimed), and the inference forward of
+    the two merged models vs the frozen base (a merged model should cost the base: ratio 1
+    within noise). A PEFT method that cannot merge is recorded, the lite side still timed."""
+    data = batch()
+    base = qwen3(shape).eval()
+    rows = []
+    for p in pairings:
+        lite_model = make_lite(base, p, TARGET_SETS["all"], data)
+        peft_model = make_peft(base, p, TARGET_SETS["all"], data)
+        row = {"shape": shape, "variant": p.name}
+        times = {"lite": [], "peft": []}
+        merged = {}
+        for r in range(args.repeats):
+            for who in (("lite", "peft") if r % 2 == 0 else ("peft", "lite")):
+                if who == "peft" and "peft_error" in row:
+                    continue
+                model = copy.deepcopy(lite_model if who == "lite" else peft_model)
+                t0 = time.perf_counter()
+                try:
+                    with torch.no_grad():
+                        out = ll.merge_and_unload(model) if who == "lite" else model.merge_and_unload()
+                except Exception as err:  # PEFT methods without merge support
+                    row["peft_error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                    continue
+                times[who].append(time.perf_counter() - t0)
+                merged[who] = out
+        row["merge_ms"] = {k: statistics.median(v) * 1e3 for k, v in times.items() if v}
+        contestants = {"base": base, **merged}
+        fns = {k: step_fns(m, data)[1] for k, m in contestants.items()}
+        res = race(fns, args.repeats, warmup=args.warmup)
+        row["infer_ms"] = {k: v * 1e3 for k, v in res["median_s"].items()}
+        row["lite_merged_over_base"] = ratio(res, "lite", "base")
+        if "peft" in merged:
+            row["merge_lite_over_peft"] = statistics.median(a / b for a, b in zip(times["lite"], times["peft"]))
+            row["lite_merged_over_peft_merged"] = ratio(res, "lite", "peft")
+        rows.append(row)
+        log(f"  merge {shape} {p.name}: merge lite {row['merge_ms']['lite']:.1f}ms peft "
+            f"{row['merge_ms'].get('peft', float('nan')):.1f}ms; merged infer / base {row['lite_merged_over_base']:.3f}"
+            + (f"; PEFT: {row['peft_error']}" if "peft_error" in row else ""))
+        del lite_model, peft_model, merged, contestants, fns
+    return rows
+
+
 def bench_compile(shape, pairings, args, log) -> list[dict]:
     """``torch.compile(model, fullgraph=True)`` per variant (all linears): does it compile,
     and the compiled/eager ratio of the train step. One block: compile time (~30 s per
@@ -516,6 +561,16 @@ def markdown(res: dict) -> str:
         pb = {k: v / 2**20 for k, v in r["peak_bytes"].items()}
         out.append(f"| {r['shape']} | {r['targets']} | {r['variant']} | {pb['base']:.1f} | {pb['peft']:.1f} | "
                    f"{pb['lite']:.1f} | {r['lite_over_peft']:.3f} {_mark(r['lite_over_peft'], 1.0)} |")
+    if res.get("merge"):
+        out += ["", "## Merge (all linears): merge_and_unload time, merged inference forward", "",
+                "A merged model is a plain model: its forward should cost the base's (ratio 1 within noise).", "",
+                "| shape | variant | lite merge ms | PEFT merge ms | lite/PEFT merge | merged lite / base infer | "
+                "merged lite / merged PEFT infer |", "|---|---|---|---|---|---|---|"]
+        for r in res["merge"]:
+            peft_ms = f"{r['merge_ms']['peft']:.1f}" if "peft" in r["merge_ms"] else "n/a: " + r.get("peft_error", "")
+            out.append(f"| {r['shape']} | {r['variant']} | {r['merge_ms']['lite']:.1f} | {peft_ms} | "
+                       f"{r.get('merge_lite_over_peft', float('nan')):.3f} | {r['lite_merged_over_base']:.3f} | "
+                       f"{r.get('lite_merged_over_peft_merged', float('nan')):.3f} |")
     out += ["", "## torch.compile(model, fullgraph=True), train step, all linears, 1 block", "",
             "| shape | variant | compiles | compile s | compiled/eager |", "|---|---|---|---|---|"]
     for r in res["compile"]:
@@ -577,7 +632,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="tiny shape only, fewer repeats, small init model")
     ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds per measurement")
     ap.add_argument("--variants", default=None, help="comma-separated subset of variants")
-    ap.add_argument("--skip", default="", help="comma-separated sections to skip: models,phases,layer,attach,adapters,pissa,memory,compile")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: models,phases,layer,attach,adapters,pissa,memory,merge,compile")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is steadiest on a shared box)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
@@ -604,7 +659,7 @@ def main(argv: list[str] | None = None) -> dict:
            "args": {"quick": args.quick, "repeats": args.repeats}, "machine": machine_info(),
            "targets": TARGETS, "variants": [p.name for p in pairings], "skipped": skipped,
            "models": [], "phases": [], "layer": [], "attach": [], "adapters": None, "pissa_init": None, "memory": [],
-           "compile": []}
+           "merge": [], "compile": []}
     if "models" not in skip:
         log("train step / inference forward:")
         res["models"] = bench_models(shapes, pairings, args, log)
@@ -628,6 +683,9 @@ def main(argv: list[str] | None = None) -> dict:
     if "memory" not in skip:
         log("peak memory:")
         res["memory"] = bench_memory(shapes[-1], pairings, log)
+    if "merge" not in skip:
+        log("merge and merged inference:")
+        res["merge"] = bench_merge(shapes[-1], pairings, args, log)
     if "compile" not in skip:
         log("torch.compile fullgraph:")
         res["compile"] = bench_compile("tiny", pairings, args, log)

@@ -21,7 +21,8 @@ def test_bench_quick_writes_results_with_equal_param_counts(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())
-    assert {"machine", "models", "phases", "layer", "attach", "memory", "compile", "skipped", "variants"} <= set(res)
+    assert {"machine", "models", "phases", "layer", "attach", "memory", "merge", "compile", "skipped",
+            "variants"} <= set(res)
     assert res["variants"] == ["lora", "delora", "ia3"]
     assert (tmp_path / "results.md").read_text().startswith("# lora-lite benchmark")
     # 3 variants x 2 target sets + the bf16 quickstart row; IA3 on all linears is two
@@ -42,6 +43,10 @@ def test_bench_quick_writes_results_with_equal_param_counts(tmp_path):
     for row in res["memory"]:
         # the adapter adds tensors on top of the frozen base, never fewer
         assert row["peak_bytes"]["lite"] > row["peak_bytes"]["base"] > 0
+    assert [r["variant"] for r in res["merge"]] == ["lora", "delora", "ia3"]
+    for row in res["merge"]:  # both libraries merged and the merged models ran
+        assert row["merge_ms"]["lite"] > 0 and row["merge_ms"]["peft"] > 0, row
+        assert set(row["infer_ms"]) == {"base", "lite", "peft"} and row["lite_merged_over_base"] > 0
 
 
 def test_gpu_script_dry_run_on_cpu(tmp_path):
