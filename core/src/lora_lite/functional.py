@@ -46,14 +46,16 @@ def offset_low_rank_update(
     x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, a0: torch.Tensor, b0: torch.Tensor, scale: float,
     y: torch.Tensor,
 ) -> torch.Tensor:
-    """``y + scale (B A - B0 A0) x``: a LoRA whose non-zero start ``B0 A0`` is subtracted by
-    its own product (the two cancel exactly at init, so the adapter starts as the identity
-    without rewriting the base weight; CorDA, LoRA-GA). Factors are cast to ``x``'s dtype
-    only when they differ."""
+    """``y + scale (B A - B0 A0) x``: a LoRA whose non-zero start ``B0 A0`` is subtracted
+    (so the adapter starts as the identity without rewriting the base weight; CorDA,
+    LoRA-GA). Computed as ONE rank-``2r`` product, two matmuls instead of four, using
+    ``B A - B0 A0 = (B - B0) A + B0 (A - A0)``: ``[B - B0, B0] ([A; A - A0] x)``. At init
+    ``B - B0`` and ``A - A0`` are exact zeros, so the delta is exactly zero (identity bit for
+    bit). Factors are cast to ``x``'s dtype only when they differ."""
     dt = x.dtype
     if a.dtype != dt:
         a, b, a0, b0 = a.to(dt), b.to(dt), a0.to(dt), b0.to(dt)
-    delta = F.linear(F.linear(x, a), b) - F.linear(F.linear(x, a0), b0)
+    delta = F.linear(F.linear(x, torch.cat((a, a - a0))), torch.cat((b - b0, b0), dim=1))
     return torch.add(y, delta, alpha=scale)
 
 

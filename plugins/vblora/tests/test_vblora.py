@@ -137,7 +137,7 @@ def test_checkpoint_holds_bank_and_logits_only(tmp_path):
     out = model(x)
     path = ll.save(model, tmp_path / "v.safetensors")
     _, tensors = ll.read_checkpoint(path)
-    assert not any(k.endswith(("lora_A0", "lora_nB0")) for k in tensors)
+    assert not any(k.endswith(("lora_A0", "lora_B0")) for k in tensors)
     fresh = ToyTransformer()
     fresh.load_state_dict({k: v for k, v in model.state_dict().items() if ".lora_" not in k})
     ll.load(fresh, path)
@@ -172,7 +172,7 @@ def test_parity_with_peft(subtract_init):
     if subtract_init:  # ours is PEFT's VB-LoRA on the base W - B0 A0
         with torch.no_grad():
             for t in att.targets:
-                theirs.get_submodule(t.name).weight.add_(t.layer.lora_nB0 @ t.layer.lora_A0)
+                theirs.get_submodule(t.name).weight.sub_(t.layer.lora_B0 @ t.layer.lora_A0)
     cfg = peft.VBLoRAConfig(r=4, target_modules=NAMES, **KIT)
     theirs = peft.get_peft_model(theirs, cfg)
     assert len(att) == 10

@@ -23,16 +23,16 @@ Identity at init (``B0 A0``): PEFT's VB-LoRA is not the identity at init: the ba
 ``+-init_vector_bank_bound`` and the logits normal with std ``init_logits_std``, and a top-k
 mixture is a convex combination of bank vectors, so neither factor can start at zero (and a
 zero bank would give no gradient to anything). We subtract the initial product instead:
-``A0``, ``B0`` are the factors at init, frozen, so ``y' = y`` at init (to float rounding; 0.0
-measured on CPU, where the two halves of the product are computed alike), and the gradients
+``A0``, ``B0`` are the factors at init, frozen, so ``y' = y`` exactly at init, and the gradients
 of the logits and the bank are PEFT's (the offset is a constant): this is PEFT's VB-LoRA on the
 base ``W - B0 A0``. ``A0``, ``B0`` are not saved: the initial bank and logits are drawn from CPU
 ``torch.Generator``s seeded from ``init_seed`` (the bank from ``init_seed``, target ``i``'s logits
 from ``init_seed`` and ``i``), so ``load`` regenerates them exactly and the checkpoint holds only
 the bank and the logits, as PEFT's. They cost ``r (d_in + d_out)`` fp32 values of memory per
-layer (a LoRA's worth, ``-B0`` stored as ``lora_nB0``). The call runs ``B A x - B0 A0 x`` as ONE
-rank-``2r`` product ``[B, -B0] ([A; A0] x)``: two matmuls, as PEFT's, not four (bench, tiny shape,
-train step: 1.02/1.10x PEFT on q/v / all linears with four, 0.97/0.99x with two). ``subtract_init=False`` gives
+layer (a LoRA's worth). The call runs ``B A x - B0 A0 x`` as ONE rank-``2r`` product,
+``[B - B0, B0] ([A; A - A0] x)`` (``lora_lite.functional.offset_low_rank_update``, exactly zero at
+init): two matmuls, as PEFT's call, not four (bench, tiny shape, train step on q/v / all
+linears: 1.02/1.10x PEFT with four, 1.01/1.00x with two, on a loaded machine). ``subtract_init=False`` gives
 PEFT's function unchanged (not the identity at init; for parity, or to continue a PEFT run).
 
 The bank is created by the first target's ``init``, as ``plugins/vera`` creates its shared
@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora_lite as ll
+from lora_lite.functional import low_rank_update, offset_low_rank_update
 
 
 @dataclass
@@ -130,7 +131,7 @@ class VBLoRA:
             "lora_vector_bank": ll.ParamSpec((0,), init="empty", trainable=False, keep_fp32=True),
             # the factors at init, subtracted so that the adapter starts as the identity
             "lora_A0": ll.ParamSpec((cfg.r, d_in) if cfg.subtract_init else (0,), **frozen),
-            "lora_nB0": ll.ParamSpec((d_out, cfg.r) if cfg.subtract_init else (0,), **frozen),  # minus B0
+            "lora_B0": ll.ParamSpec((d_out, cfg.r) if cfg.subtract_init else (0,), **frozen),
         }
 
     def init(layer, cfg, targets):
@@ -151,20 +152,17 @@ class VBLoRA:
             if cfg.subtract_init:
                 a0, b0 = factors(layer, target.d_out, target.d_in)
                 layer.lora_A0.copy_(a0)
-                layer.lora_nB0.copy_(-b0)
+                layer.lora_B0.copy_(b0)
 
     def forward(layer, x, y):
-        dt = x.dtype
         a, b = factors(layer, y.shape[-1], x.shape[-1])
-        if layer.lora_cfg.subtract_init:
-            # B A x - B0 A0 x as one rank-2r product: [B, -B0] ([A; A0] x), two matmuls instead of four
-            a = torch.cat((a, layer.lora_A0))
-            b = torch.cat((b, layer.lora_nB0), dim=1)
-        return y + F.linear(F.linear(x, a.to(dt)), b.to(dt))
+        if layer.lora_cfg.subtract_init:  # one rank-2r product, exactly zero at init (see offset_low_rank_update)
+            return offset_low_rank_update(x, a, b, layer.lora_A0, layer.lora_B0, 1.0, y)
+        return low_rank_update(x, a, b, 1.0, y)
 
     def merge(layer, weight, bias):
         a, b = factors(layer, *weight.shape)
         delta = b.to(weight) @ a.to(weight)
         if layer.lora_cfg.subtract_init:
-            delta = delta + layer.lora_nB0.to(weight) @ layer.lora_A0.to(weight)
+            delta = delta - layer.lora_B0.to(weight) @ layer.lora_A0.to(weight)
         return weight + delta, bias
