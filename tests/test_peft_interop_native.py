@@ -47,6 +47,25 @@ CASES = {
                lambda: peft.RoadConfig(variant="road_4", group_size=4, target_modules=list(QVD))),
     "delora": ([("delora", QVD, {"r": 4, "lambda0": 15.0})],
                lambda: peft.DeloraConfig(r=4, delora_lambda=15, target_modules=list(QVD))),
+    # spectral / sparse / structured (fmt2): fourierft, shira, c3a, gralora, psoft
+    "fourierft": ([("fourierft", QVD, {"n_frequency": 50, "scaling": 100.0, "random_loc_seed": 13})],
+                  lambda: peft.FourierFTConfig(n_frequency=50, scaling=100.0, random_loc_seed=13,
+                                               target_modules=list(QVD))),
+    "shira": ([("shira", QVD, {"r": 2, "random_seed": 5})],
+              lambda: peft.ShiraConfig(r=2, random_seed=5, target_modules=list(QVD))),
+    "c3a": ([("c3a", QVD, {"block_size": 8})],
+            lambda: peft.C3AConfig(block_size=8, init_weights=True, target_modules=list(QVD))),
+    "gralora": ([("gralora", QVD, {"r": 8, "alpha": 12.0, "gralora_k": 4})],
+                lambda: peft.GraloraConfig(r=8, alpha=12, gralora_k=4, target_modules=list(QVD))),
+    "psoft": ([("psoft", QVD, {"r": 4, "alpha": 6.0})],
+              lambda: peft.PsoftConfig(r=4, psoft_alpha=6, target_modules=list(QVD))),
+    "psoft-lowrank-neumann": (
+        [("psoft", QVD, {"r": 4, "alpha": 2.0, "ab_svd_init": "pissa_init", "svd": "lowrank", "niter": 3,
+                         "seed": 5, "use_cayley_neumann": True, "num_cayley_neumann_terms": 4,
+                         "cayley_neumann_eps": 0.5})],
+        lambda: peft.PsoftConfig(r=4, psoft_alpha=2, ab_svd_init="pissa_init", psoft_svd="lowrank",
+                                 psoft_svd_lowrank_niter=3, random_seed=5, use_cayley_neumann=True,
+                                 num_cayley_neumann_terms=4, cayley_neumann_eps=0.5, target_modules=list(QVD))),
 }
 installed = {v.name for v in ll.list_variants()}
 
@@ -191,6 +210,25 @@ S = "base_model.model.model.layers.0.self_attn"
     ("delora", {"config": {"lambda_pattern": {"q_proj": 3.0}}}, "lambda_pattern"),
     ("delora", {"add": {f"{S}.q_proj.delora_C": torch.zeros(3)}}, "not a delora weight"),
     ("oft", {"config": {"target_modules": ["q_proj"]}}, "not selected"),
+    # fmt2: fourierft, shira, c3a, gralora, psoft
+    ("fourierft", {"config": {"n_frequency_pattern": {"q_proj": 20}}}, "n_frequency_pattern"),
+    ("fourierft", {"config": {"bias": "fourier_only"}}, "bias='fourier_only'"),
+    ("fourierft", {"config": {"fan_in_fan_out": True}}, "fan_in_fan_out"),
+    ("fourierft", {"add": {f"{S}.q_proj.fourierft_indices": torch.zeros(2, 50)}}, "not a fourierft weight"),
+    ("shira", {"config": {"fan_in_fan_out": True}}, "fan_in_fan_out"),
+    ("shira", {"config": {"modules_to_save": ["lm_head"]}}, "modules_to_save"),
+    ("shira", {"drop": [f"{S}.q_proj.shira_indices"]}, "without all of"),
+    ("c3a", {"config": {"block_size_pattern": {"q_proj": 4}}}, "block_size_pattern"),
+    ("c3a", {"config": {"bias": "c3a_only"}}, "bias='c3a_only'"),
+    ("c3a", {"config": {"block_size": 4}}, r"shape \(4, 4, 8\) in the file but \(8, 8, 4\)"),
+    ("gralora", {"config": {"hybrid_r": 2}}, "hybrid_r=2: gralora reads hybrid_r=0 only"),
+    ("gralora", {"config": {"bias": "all"}}, "bias='all'"),
+    ("gralora", {"config": {"fan_in_fan_out": True}}, "fan_in_fan_out"),
+    ("psoft", {"config": {"psoft_orth": False}}, "psoft_orth=False: psoft reads psoft_orth=True only"),
+    ("psoft", {"config": {"psoft_mag_a": False}}, "psoft_mag_a=False"),
+    ("psoft", {"config": {"psoft_mag_b": False}}, "psoft_mag_b=False"),
+    ("psoft", {"config": {"fan_in_fan_out": True}}, "fan_in_fan_out"),
+    ("psoft", {"config": {"ab_svd_init": "olora"}}, "valid psoft config"),
 ])
 def test_mismatching_native_adapters_fail_and_leave_the_model_alone(tmp_path, name, change, match):
     if {v for v, _, _ in CASES[name][0]} - installed:
