@@ -5,6 +5,7 @@ RoAd, DeLoRA. Each case builds the same adapter in lora-lite and in PEFT."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -68,6 +69,14 @@ CASES = {
                                  num_cayley_neumann_terms=4, cayley_neumann_eps=0.5, target_modules=list(QVD))),
 }
 installed = {v.name for v in ll.list_variants()}
+# cases whose import needs a core change (NOTES-fmt2.md): import_peft takes the storage dtype from
+# a module's first tensor in the file, for SHiRA the int32 shira_indices (keys sort before shira_weight)
+IMPORT_NEEDS_CORE = {"shira": "import_peft infers dtype from the int32 shira_indices; core fix in NOTES-fmt2.md"}
+
+
+def _xfail_without_core_fix(request, name):
+    if name in IMPORT_NEEDS_CORE:
+        request.applymarker(pytest.mark.xfail(strict=True, raises=ll.PeftInteropError, reason=IMPORT_NEEDS_CORE[name]))
 
 
 def case(name):
@@ -136,7 +145,8 @@ def test_native_export_matches_peft_logits(tmp_path, name):
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_native_import_matches_peft_logits(tmp_path, name):
+def test_native_import_matches_peft_logits(tmp_path, name, request):
+    _xfail_without_core_fix(request, name)
     pm = peft_trained(name, tmp_path)
     batch = token_batch()
     theirs = logits(pm, batch)
@@ -164,7 +174,8 @@ def test_native_import_matches_peft_logits(tmp_path, name):
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_native_export_then_import_round_trips_exactly(tmp_path, name):
+def test_native_export_then_import_round_trips_exactly(tmp_path, name, request):
+    _xfail_without_core_fix(request, name)
     model, atts = lite_trained(name)
     ll.export_peft(model, tmp_path)
     fresh = tiny_qwen3()
@@ -191,6 +202,81 @@ def test_vera_without_saved_projections_regenerates_peft_draw(tmp_path):
     layer = att.targets[0].layer
     assert torch.equal(layer.lora_vera_A, pm.base_model.vera_A["default"])
     assert torch.equal(layer.lora_vera_B, pm.base_model.vera_B["default"])
+
+
+def test_shira_mask_travels_in_the_file_both_ways(tmp_path):
+    """PEFT saves SHiRA's indices and its load uses them (no redraw from random_seed): a custom
+    mask (PEFT's user mask_fn) reaches lora-lite, and an edited lora_index reaches PEFT."""
+    if "shira" not in installed:
+        pytest.skip("shira not installed")
+
+    def last_k(base_layer, r, **_):  # not the seeded draw: the last k entries of the weight
+        d_out, d_in = base_layer.weight.shape
+        mask = torch.zeros(d_out * d_in)
+        mask[-r * (d_in + d_out):] = 1
+        return mask.view(d_out, d_in)
+
+    config = peft.ShiraConfig(r=2, random_seed=5, target_modules=list(QVD))
+    config.mask_fn = last_k
+    pm = peft.get_peft_model(tiny_qwen3(), config).eval()
+    with torch.no_grad():
+        for _, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.05)
+    pm.save_pretrained(str(tmp_path / "peft"))
+    batch = token_batch()
+    theirs = logits(pm, batch)
+    model = tiny_qwen3()
+    att = ll.import_peft(model, tmp_path / "peft", dtype=torch.float32)  # dtype: see IMPORT_NEEDS_CORE
+    for t in att.targets:
+        k = t.layer.lora_index.shape[1]
+        flat = t.layer.lora_index[0].long() * t.d_in + t.layer.lora_index[1].long()
+        assert torch.equal(flat, torch.arange(t.d_in * t.d_out - k, t.d_in * t.d_out)), t.name
+    torch.testing.assert_close(logits(model, batch), theirs, rtol=0, atol=1e-5)
+    ll.export_peft(model, tmp_path / "back")
+    original, back = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("peft", "back"))
+    assert set(original) == set(back) and all(torch.equal(original[k], back[k]) for k in original)
+    again = peft.PeftModel.from_pretrained(tiny_qwen3(), str(tmp_path / "back")).eval()  # config: mask_type random
+    torch.testing.assert_close(logits(again, batch), theirs, rtol=0, atol=1e-5)
+
+
+def test_fourierft_positions_are_redrawn_from_the_seed_and_an_edited_one_is_refused(tmp_path):
+    """PEFT does not save FourierFT's positions: both libraries draw them from random_loc_seed.
+    An attachment whose lora_index is not that draw has no PEFT form: export refuses, writes nothing."""
+    if "fourierft" not in installed:
+        pytest.skip("fourierft not installed")
+    pm = peft_trained("fourierft", tmp_path / "peft")
+    assert not any("indices" in k for k in load_file(str(tmp_path / "peft" / "adapter_model.safetensors")))
+    model = tiny_qwen3()
+    att = ll.import_peft(model, tmp_path / "peft")
+    for t in att.targets:
+        rows, cols = pm.get_submodule("base_model.model." + t.name).indices["default"]
+        assert torch.equal(t.layer.lora_index, rows * t.d_in + cols), t.name
+    with torch.no_grad():
+        att.targets[0].layer.lora_index[:2] = att.targets[0].layer.lora_index[:2].flip(0)
+    with pytest.raises(ll.PeftInteropError, match="not the draw of random_loc_seed=13"):
+        ll.export_peft(model, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("name, knobs, match", [
+    ("c3a", {"block_size": 32}, "uses block 16"),  # v_proj: d_out 16, gcd fallback (PEFT refuses the layer)
+    ("gralora", {"r": 6, "gralora_k": 3}, "uses 2 x 2"),  # fallback k' (PEFT raises)
+    ("gralora", {"r": 4, "hybrid_r": 2}, "hybrid_r=2"),
+    # other tensor sets: core's tensor check refuses before convert runs (its message: NOTES-fmt2.md)
+    ("psoft", {"r": 4, "orth": False}, "psoft PEFT format maps"),
+    ("psoft", {"r": 4, "mag_a": False}, "psoft PEFT format maps"),
+])
+def test_lite_configs_without_a_peft_form_are_refused_on_export(tmp_path, name, knobs, match):
+    if name not in installed:
+        pytest.skip(f"{name} not installed")
+    model = tiny_qwen3()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback block sizes warn at attach
+        ll.attach(model, ll.LoraLiteConfig(variant=name, target_names=tuple(rf"\.{t}$" for t in QVD), **knobs))
+    with pytest.raises(ll.PeftInteropError, match=match):
+        ll.export_peft(model, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
 
 
 S = "base_model.model.model.layers.0.self_attn"
