@@ -5,6 +5,7 @@ RoAd, DeLoRA. Each case builds the same adapter in lora-lite and in PEFT."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -47,8 +48,35 @@ CASES = {
                lambda: peft.RoadConfig(variant="road_4", group_size=4, target_modules=list(QVD))),
     "delora": ([("delora", QVD, {"r": 4, "lambda0": 15.0})],
                lambda: peft.DeloraConfig(r=4, delora_lambda=15, target_modules=list(QVD))),
+    # spectral / sparse / structured (fmt2): fourierft, shira, c3a, gralora, psoft
+    "fourierft": ([("fourierft", QVD, {"n_frequency": 50, "scaling": 100.0, "random_loc_seed": 13})],
+                  lambda: peft.FourierFTConfig(n_frequency=50, scaling=100.0, random_loc_seed=13,
+                                               target_modules=list(QVD))),
+    "shira": ([("shira", QVD, {"r": 2, "random_seed": 5})],
+              lambda: peft.ShiraConfig(r=2, random_seed=5, target_modules=list(QVD))),
+    "c3a": ([("c3a", QVD, {"block_size": 8})],
+            lambda: peft.C3AConfig(block_size=8, init_weights=True, target_modules=list(QVD))),
+    "gralora": ([("gralora", QVD, {"r": 8, "alpha": 12.0, "gralora_k": 4})],
+                lambda: peft.GraloraConfig(r=8, alpha=12, gralora_k=4, target_modules=list(QVD))),
+    "psoft": ([("psoft", QVD, {"r": 4, "alpha": 6.0})],
+              lambda: peft.PsoftConfig(r=4, psoft_alpha=6, target_modules=list(QVD))),
+    "psoft-lowrank-neumann": (
+        [("psoft", QVD, {"r": 4, "alpha": 2.0, "ab_svd_init": "pissa_init", "svd": "lowrank", "niter": 3,
+                         "seed": 5, "use_cayley_neumann": True, "num_cayley_neumann_terms": 4,
+                         "cayley_neumann_eps": 0.5})],
+        lambda: peft.PsoftConfig(r=4, psoft_alpha=2, ab_svd_init="pissa_init", psoft_svd="lowrank",
+                                 psoft_svd_lowrank_niter=3, random_seed=5, use_cayley_neumann=True,
+                                 num_cayley_neumann_terms=4, cayley_neumann_eps=0.5, target_modules=list(QVD))),
 }
 installed = {v.name for v in ll.list_variants()}
+# cases whose import needs a core change (NOTES-fmt2.md): import_peft takes the storage dtype from
+# a module's first tensor in the file, for SHiRA the int32 shira_indices (keys sort before shira_weight)
+IMPORT_NEEDS_CORE = {"shira": "import_peft infers dtype from the int32 shira_indices; core fix in NOTES-fmt2.md"}
+
+
+def _xfail_without_core_fix(request, name):
+    if name in IMPORT_NEEDS_CORE:
+        request.applymarker(pytest.mark.xfail(strict=True, raises=ll.PeftInteropError, reason=IMPORT_NEEDS_CORE[name]))
 
 
 def case(name):
@@ -117,7 +145,8 @@ def test_native_export_matches_peft_logits(tmp_path, name):
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_native_import_matches_peft_logits(tmp_path, name):
+def test_native_import_matches_peft_logits(tmp_path, name, request):
+    _xfail_without_core_fix(request, name)
     pm = peft_trained(name, tmp_path)
     batch = token_batch()
     theirs = logits(pm, batch)
@@ -145,7 +174,8 @@ def test_native_import_matches_peft_logits(tmp_path, name):
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_native_export_then_import_round_trips_exactly(tmp_path, name):
+def test_native_export_then_import_round_trips_exactly(tmp_path, name, request):
+    _xfail_without_core_fix(request, name)
     model, atts = lite_trained(name)
     ll.export_peft(model, tmp_path)
     fresh = tiny_qwen3()
@@ -174,6 +204,81 @@ def test_vera_without_saved_projections_regenerates_peft_draw(tmp_path):
     assert torch.equal(layer.lora_vera_B, pm.base_model.vera_B["default"])
 
 
+def test_shira_mask_travels_in_the_file_both_ways(tmp_path):
+    """PEFT saves SHiRA's indices and its load uses them (no redraw from random_seed): a custom
+    mask (PEFT's user mask_fn) reaches lora-lite, and an edited lora_index reaches PEFT."""
+    if "shira" not in installed:
+        pytest.skip("shira not installed")
+
+    def last_k(base_layer, r, **_):  # not the seeded draw: the last k entries of the weight
+        d_out, d_in = base_layer.weight.shape
+        mask = torch.zeros(d_out * d_in)
+        mask[-r * (d_in + d_out):] = 1
+        return mask.view(d_out, d_in)
+
+    config = peft.ShiraConfig(r=2, random_seed=5, target_modules=list(QVD))
+    config.mask_fn = last_k
+    pm = peft.get_peft_model(tiny_qwen3(), config).eval()
+    with torch.no_grad():
+        for _, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.05)
+    pm.save_pretrained(str(tmp_path / "peft"))
+    batch = token_batch()
+    theirs = logits(pm, batch)
+    model = tiny_qwen3()
+    att = ll.import_peft(model, tmp_path / "peft", dtype=torch.float32)  # dtype: see IMPORT_NEEDS_CORE
+    for t in att.targets:
+        k = t.layer.lora_index.shape[1]
+        flat = t.layer.lora_index[0].long() * t.d_in + t.layer.lora_index[1].long()
+        assert torch.equal(flat, torch.arange(t.d_in * t.d_out - k, t.d_in * t.d_out)), t.name
+    torch.testing.assert_close(logits(model, batch), theirs, rtol=0, atol=1e-5)
+    ll.export_peft(model, tmp_path / "back")
+    original, back = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("peft", "back"))
+    assert set(original) == set(back) and all(torch.equal(original[k], back[k]) for k in original)
+    again = peft.PeftModel.from_pretrained(tiny_qwen3(), str(tmp_path / "back")).eval()  # config: mask_type random
+    torch.testing.assert_close(logits(again, batch), theirs, rtol=0, atol=1e-5)
+
+
+def test_fourierft_positions_are_redrawn_from_the_seed_and_an_edited_one_is_refused(tmp_path):
+    """PEFT does not save FourierFT's positions: both libraries draw them from random_loc_seed.
+    An attachment whose lora_index is not that draw has no PEFT form: export refuses, writes nothing."""
+    if "fourierft" not in installed:
+        pytest.skip("fourierft not installed")
+    pm = peft_trained("fourierft", tmp_path / "peft")
+    assert not any("indices" in k for k in load_file(str(tmp_path / "peft" / "adapter_model.safetensors")))
+    model = tiny_qwen3()
+    att = ll.import_peft(model, tmp_path / "peft")
+    for t in att.targets:
+        rows, cols = pm.get_submodule("base_model.model." + t.name).indices["default"]
+        assert torch.equal(t.layer.lora_index, rows * t.d_in + cols), t.name
+    with torch.no_grad():
+        att.targets[0].layer.lora_index[:2] = att.targets[0].layer.lora_index[:2].flip(0)
+    with pytest.raises(ll.PeftInteropError, match="not the draw of random_loc_seed=13"):
+        ll.export_peft(model, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("name, knobs, match", [
+    ("c3a", {"block_size": 32}, "uses block 16"),  # v_proj: d_out 16, gcd fallback (PEFT refuses the layer)
+    ("gralora", {"r": 6, "gralora_k": 3}, "uses 2 x 2"),  # fallback k' (PEFT raises)
+    ("gralora", {"r": 4, "hybrid_r": 2}, "hybrid_r=2"),
+    # other tensor sets: core's tensor check refuses before convert runs (its message: NOTES-fmt2.md)
+    ("psoft", {"r": 4, "orth": False}, "psoft PEFT format maps"),
+    ("psoft", {"r": 4, "mag_a": False}, "psoft PEFT format maps"),
+])
+def test_lite_configs_without_a_peft_form_are_refused_on_export(tmp_path, name, knobs, match):
+    if name not in installed:
+        pytest.skip(f"{name} not installed")
+    model = tiny_qwen3()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback block sizes warn at attach
+        ll.attach(model, ll.LoraLiteConfig(variant=name, target_names=tuple(rf"\.{t}$" for t in QVD), **knobs))
+    with pytest.raises(ll.PeftInteropError, match=match):
+        ll.export_peft(model, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
 S = "base_model.model.model.layers.0.self_attn"
 
 
@@ -191,6 +296,25 @@ S = "base_model.model.model.layers.0.self_attn"
     ("delora", {"config": {"lambda_pattern": {"q_proj": 3.0}}}, "lambda_pattern"),
     ("delora", {"add": {f"{S}.q_proj.delora_C": torch.zeros(3)}}, "not a delora weight"),
     ("oft", {"config": {"target_modules": ["q_proj"]}}, "not selected"),
+    # fmt2: fourierft, shira, c3a, gralora, psoft
+    ("fourierft", {"config": {"n_frequency_pattern": {"q_proj": 20}}}, "n_frequency_pattern"),
+    ("fourierft", {"config": {"bias": "fourier_only"}}, "bias='fourier_only'"),
+    ("fourierft", {"config": {"fan_in_fan_out": True}}, "fan_in_fan_out"),
+    ("fourierft", {"add": {f"{S}.q_proj.fourierft_indices": torch.zeros(2, 50)}}, "not a fourierft weight"),
+    ("shira", {"config": {"fan_in_fan_out": True}}, "fan_in_fan_out"),
+    ("shira", {"config": {"modules_to_save": ["lm_head"]}}, "modules_to_save"),
+    ("shira", {"drop": [f"{S}.q_proj.shira_indices"]}, "without all of"),
+    ("c3a", {"config": {"block_size_pattern": {"q_proj": 4}}}, "block_size_pattern"),
+    ("c3a", {"config": {"bias": "c3a_only"}}, "bias='c3a_only'"),
+    ("c3a", {"config": {"block_size": 4}}, r"shape \(4, 4, 8\) in the file but \(8, 8, 4\)"),
+    ("gralora", {"config": {"hybrid_r": 2}}, "hybrid_r=2: gralora reads hybrid_r=0 only"),
+    ("gralora", {"config": {"bias": "all"}}, "bias='all'"),
+    ("gralora", {"config": {"fan_in_fan_out": True}}, "fan_in_fan_out"),
+    ("psoft", {"config": {"psoft_orth": False}}, "psoft_orth=False: psoft reads psoft_orth=True only"),
+    ("psoft", {"config": {"psoft_mag_a": False}}, "psoft_mag_a=False"),
+    ("psoft", {"config": {"psoft_mag_b": False}}, "psoft_mag_b=False"),
+    ("psoft", {"config": {"fan_in_fan_out": True}}, "fan_in_fan_out"),
+    ("psoft", {"config": {"ab_svd_init": "olora"}}, "valid psoft config"),
 ])
 def test_mismatching_native_adapters_fail_and_leave_the_model_alone(tmp_path, name, change, match):
     if {v for v, _, _ in CASES[name][0]} - installed:

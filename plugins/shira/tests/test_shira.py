@@ -24,8 +24,8 @@ def test_equation_is_a_sparse_additive_update():
     with torch.no_grad():
         layer.lora_shira_weight.normal_()
     dw = torch.zeros(10, 12, dtype=torch.float64)
-    for pos, v in zip(layer.lora_index.tolist(), layer.lora_shira_weight.double().tolist()):
-        dw[pos // 12, pos % 12] = v  # one entry at a time
+    for (i, j), v in zip(layer.lora_index.T.tolist(), layer.lora_shira_weight.double().tolist()):
+        dw[i, j] = v  # one entry at a time
     x = torch.randn(3, 12)
     expected = x.double() @ (layer.weight.double() + dw).T + layer.bias.double()
     torch.testing.assert_close(layer(x).double(), expected, atol=1e-5, rtol=1e-5)
@@ -40,9 +40,10 @@ def test_init_is_zero_and_the_mask_is_peft_s_draw():
         k = 3 * (t.d_in + t.d_out)
         assert torch.equal(t.layer.lora_shira_weight, torch.zeros(k))
         idx = t.layer.lora_index
-        assert idx.dtype == torch.int64 and not idx.requires_grad
-        assert torch.equal(idx, torch.randperm(t.d_in * t.d_out, generator=torch.Generator().manual_seed(9))[:k].sort().values)
-        assert idx.unique().numel() == k
+        assert idx.dtype == torch.int32 and idx.shape == (2, k) and not idx.requires_grad  # PEFT's shira_indices
+        flat = torch.randperm(t.d_in * t.d_out, generator=torch.Generator().manual_seed(9))[:k].sort().values
+        assert torch.equal(idx[0].long() * t.d_in + idx[1].long(), flat)
+        assert (idx[0].long() * t.d_in + idx[1]).unique().numel() == k
     assert all(n.endswith(".lora_shira_weight") for n, p in model.named_parameters() if p.requires_grad)
 
 
@@ -65,8 +66,9 @@ def test_a_hand_edited_mask_survives_save_and_load(tmp_path):
     with torch.no_grad():
         for t in att.targets:
             t.layer.lora_shira_weight.normal_()
-            k = t.layer.lora_index.numel()
-            t.layer.lora_index.copy_(torch.arange(k))  # a custom mask: the first k entries
+            k = t.layer.lora_index.shape[1]
+            flat = torch.arange(k)  # a custom mask: the first k entries
+            t.layer.lora_index.copy_(torch.stack([flat // t.d_in, flat % t.d_in]))
     x = torch.randn(2, 5, 32)
     out = model(x)
     path = ll.save(model, tmp_path / "a.safetensors")
@@ -115,8 +117,7 @@ def test_parity_with_peft(r, seed):
     with torch.no_grad():
         for t in att.targets:
             p = theirs.get_submodule("base_model.model." + t.name)
-            rows, cols = p.shira_indices["default"].long()
-            assert torch.equal(rows * t.d_in + cols, t.layer.lora_index), "the mask differs from PEFT's"
+            assert torch.equal(p.shira_indices["default"], t.layer.lora_index), "the mask differs from PEFT's"
             t.layer.lora_shira_weight.copy_(0.1 * torch.randn(t.layer.lora_shira_weight.shape, generator=g))
             p.shira_weight["default"].copy_(t.layer.lora_shira_weight)
     ref = theirs(x)

@@ -33,6 +33,13 @@ with a ``UserWarning`` saying so (a layer whose gcd is 1 gets a dense ``d_out x 
 
 Layers: any linear-like layer, quantized ones included: the weight is never read.
 
+PEFT format (``ll.export_peft`` / ``ll.import_peft``): PEFT's ``C3A`` adapter, the kernel as
+``c3a_kernel`` (same ``(d_out/b, d_in/b, b)`` layout, copied bit for bit), ``block_size`` as
+``block_size``. Export refuses an attachment where some layer fell back to a smaller block
+(the gcd rule above: PEFT refuses that layer); import refuses ``block_size_pattern``, ``bias``
+other than ``"none"`` and anything else it does not model. ``init_weights`` is accepted whatever
+its value (the file holds the trained kernels).
+
 Not implemented: PEFT's non-zero inits (``init_weights="xavier_uniform"`` (its default),
 ``"gaussian"``, ``"kaiming_uniform"``: none is the identity at init), ``block_size_pattern`` (per-layer block sizes
 by name) and ``bias`` training.
@@ -81,12 +88,28 @@ def circulant(kernel: torch.Tensor) -> torch.Tensor:
     return kernel[:, :, idx].permute(0, 2, 1, 3).reshape(m * b, n * b)
 
 
+def _to_peft(layer, cfg, t):
+    """Export: the kernel as it is; a layer on a fallback block size has no PEFT form."""
+    if t["lora_kernel"].shape[-1] != cfg.block_size:
+        raise ll.PeftInteropError(
+            f"c3a block_size={cfg.block_size} does not divide a target's widths, which uses block "
+            f"{t['lora_kernel'].shape[-1]}; PEFT's C3A refuses such a layer (no per-layer block in one config "
+            "without block_size_pattern). Attach with a block_size dividing every target's widths."
+        )
+    return t, cfg.r, cfg.alpha
+
+
 class C3A:
     name = "c3a"
     config_class = C3AConfig
     additive = True  # y + delta(x)
     size_knob = None  # the trainable count d_in d_out / block_size falls as block_size grows
     lrs = (1e-2, 3e-2, 1e-1, 3e-1)  # the update is scaled by 1 / d_in: the kernel needs large steps
+    # PEFT's C3A: the same kernel layout, one block size for every layer
+    peft = ll.PeftFormat(
+        {"lora_kernel": "c3a_kernel"}, {"bias": "none"}, convert=_to_peft, importable=True, peft_type="C3A",
+        config_fields={"block_size": "block_size"}, neutral=("init_weights",),
+    )
 
     def param_specs(d_in, d_out, cfg):
         b = block_for(d_in, d_out, cfg.block_size)

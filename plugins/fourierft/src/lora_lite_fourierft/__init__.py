@@ -34,6 +34,16 @@ to the input's dtype. ``alpha`` is not used; ``scaling`` plays its part (PEFT's
 Layers: any linear-like layer (``nn.Linear``, transformers ``Conv1D``, bitsandbytes
 4/8-bit): the update is added to the base output, the weight is never read.
 
+PEFT format (``ll.export_peft`` / ``ll.import_peft``): PEFT's ``FOURIERFT`` adapter, the
+coefficients as ``fourierft_spectrum`` (bit for bit); ``n_frequency``, ``scaling`` and
+``random_loc_seed`` under the same names. PEFT does not save the positions: it redraws them
+from ``random_loc_seed`` at load, so ``lora_index`` is not written, and import draws it from the
+seed as ``init`` does. Export refuses an attachment whose ``lora_index`` is not that draw
+(edited by hand: PEFT would put the coefficients elsewhere). Import refuses
+``n_frequency_pattern``, ``bias`` other than ``"none"``, ``fan_in_fan_out`` and anything else it
+does not model; ``init_weights`` is accepted whatever its value (the file holds the trained
+spectrum).
+
 Not implemented from PEFT: ``n_frequency_pattern`` (lora-lite has no per-layer knobs;
 attach twice with ``target_names`` instead), ``bias`` (``"all"`` / ``"fourier_only"``:
 lora-lite adapters never train biases), ``init_weights=False`` (see above) and
@@ -83,6 +93,18 @@ def _delta(layer, d_out: int, d_in: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.fft.ifft2(dense.view(d_out, d_in)).real
 
 
+def _to_peft(layer, cfg, t):
+    """Export: the spectrum only; PEFT redraws the positions from the seed, so they must be that draw."""
+    d_in, d_out = ll.layer_kind(layer).features(layer)
+    if not torch.equal(layer.lora_index.detach().cpu(), _locations(d_out, d_in, cfg.n_frequency, cfg.random_loc_seed)):
+        raise ll.PeftInteropError(
+            f"fourierft lora_index of a {d_out} x {d_in} target is not the draw of random_loc_seed="
+            f"{cfg.random_loc_seed}; PEFT does not save the positions but redraws them from the seed at load, so "
+            "this adapter has no PEFT form."
+        )
+    return t, cfg.r, cfg.alpha
+
+
 class FourierFT:
     name = "fourierft"
     additive = True  # y + delta(x): rows of a batch may use different attachments
@@ -90,6 +112,13 @@ class FourierFT:
     size_knob = "n_frequency"
     # the paper trains the spectrum at 5e-2 to 1e-1 (scaling 100-300); a coefficient moves one entry of dW by scaling / (d_out d_in)
     lrs = (3e-3, 1e-2, 3e-2, 1e-1)
+    # PEFT's FourierFT: the spectrum; the positions are redrawn from random_loc_seed, never saved
+    peft = ll.PeftFormat(
+        {"lora_spectrum": "fourierft_spectrum"}, {"fan_in_fan_out": False, "bias": "none"},
+        convert=_to_peft, importable=True, peft_type="FOURIERFT",
+        config_fields={"n_frequency": "n_frequency", "scaling": "scaling", "random_loc_seed": "random_loc_seed"},
+        neutral=("init_weights",),
+    )
 
     def param_specs(d_in, d_out, cfg):
         if cfg.n_frequency > d_in * d_out:

@@ -27,6 +27,16 @@ divide ``r``, ``d_in`` and ``d_out``; where it does not, that layer uses the lar
 ``k' < k`` that does, with a warning (PEFT raises; lora-lite's OFT adapts its block size the
 same way), so a config fits every layer and the numbers equal PEFT's wherever PEFT runs.
 
+PEFT format (``ll.export_peft`` / ``ll.import_peft``): PEFT's ``GRALORA`` adapter, ``lora_A`` /
+``lora_B`` as ``gralora_A`` / ``gralora_B`` (the same packed layouts, copied bit for bit);
+``r``, ``alpha`` and ``gralora_k`` under the same names. Only ``hybrid_r=0``: PEFT's hybrid pair
+(``gralora_A_general.weight`` / ``gralora_B_general.weight``) exists only when ``hybrid_r > 0``
+and lora-lite's ``PeftFormat`` maps one fixed set of tensors per variant, so export refuses an
+attachment with ``hybrid_r > 0`` and import refuses a file with it (a core extension, optional
+tensors, would lift this). Export also refuses a layer on a fallback ``k'`` (PEFT raises
+there); import refuses ``bias`` other than ``"none"``, ``fan_in_fan_out`` and anything else
+it does not model; ``gralora_dropout`` and ``init_weights`` are accepted whatever their value.
+
 Not implemented from PEFT: ``gralora_dropout`` (lora-lite variants take no dropout) and
 ``init_weights=False`` (random ``B``: a testing switch that does not start at the base model).
 """
@@ -102,11 +112,35 @@ def block_update(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Ten
     return torch.einsum("...jr,jro->...jo", h, b).flatten(-2)
 
 
+def _to_peft(layer, cfg, t):
+    """Export: the packed tensors as they are; no hybrid pair, no fallback block count."""
+    if cfg.hybrid_r:
+        raise ll.PeftInteropError(
+            f"gralora hybrid_r={cfg.hybrid_r}: lora-lite's PEFT format maps gralora_A / gralora_B only (PEFT's "
+            "gralora_A_general / gralora_B_general exist only with hybrid_r > 0, which the format cannot "
+            "declare); export an attachment with hybrid_r=0."
+        )
+    k = t["lora_A"].shape[0]
+    if k != cfg.gralora_k:
+        raise ll.PeftInteropError(
+            f"gralora gralora_k={cfg.gralora_k} does not divide a target's widths and r, which uses {k} x {k} "
+            "sub-blocks; PEFT raises on such a layer. Attach with a gralora_k dividing every target's widths."
+        )
+    return t, cfg.r, cfg.alpha
+
+
 class GraLoRA:
     name = "gralora"
     additive = True  # y + delta(x): rows of a batch may use different attachments
     config_class = GraloraConfig
     size_knob = "r"  # r (d_in + d_out) trainable numbers per target, as LoRA, whatever k
+    # PEFT's GraLoRA: the same packed tensors; its hybrid pair is not mapped (hybrid_r=0 only)
+    peft = ll.PeftFormat(
+        {"lora_A": "gralora_A", "lora_B": "gralora_B"}, {"hybrid_r": 0, "fan_in_fan_out": False, "bias": "none"},
+        convert=_to_peft, importable=True, peft_type="GRALORA",
+        config_fields={"r": "r", "alpha": "alpha", "gralora_k": "gralora_k"},
+        neutral=("gralora_dropout", "init_weights"),
+    )
 
     def param_specs(d_in, d_out, cfg):
         k = block_count(cfg.gralora_k, cfg.r, d_in, d_out)

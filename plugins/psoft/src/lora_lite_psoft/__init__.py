@@ -42,8 +42,22 @@ accepts only ``nn.Linear``.
 Not implemented from PEFT: ``psoft_dropout`` (lora-lite has no adapter dropout),
 ``init_weights=False`` (a random non-identity start: perturb the tensors after attach instead),
 ``fan_in_fan_out`` (``dense_weight`` handles the layout) and PEFT's non-persistent A/B cache
-(here a persistent or recomputed tensor). No PEFT import/export: ``ll.PeftFormat`` maps LoRA-style
-key pairs and PSOFT's checkpoint holds ``psoft_R.<name>.weight`` / ``vector_a`` / ``vector_b``.
+(here a persistent or recomputed tensor).
+
+PEFT format (``ll.export_peft`` / ``ll.import_peft``): PEFT's ``PSOFT`` adapter, ``lora_Q`` /
+``lora_mag_b`` / ``lora_mag_a`` as ``psoft_R.weight`` / ``psoft_R.vector_b`` /
+``psoft_R.vector_a`` (bit for bit); ``r``, ``alpha`` (``psoft_alpha``), ``ab_svd_init``, ``svd``
+(``psoft_svd``), ``niter`` (``psoft_svd_lowrank_niter``), ``seed`` (``random_seed``) and the
+Cayley-Neumann knobs under PEFT's names. PEFT never saves ``A`` / ``B``: it recomputes them
+from the base weight at load, as ``save_factors=False`` does here, so export leaves them out
+(whatever ``save_factors``: factors saved on other hardware can differ from PEFT's recomputed
+ones in the last bits) and import computes them in ``init``. Only ``orth=True``,
+``mag_a=True``, ``mag_b=True`` (PEFT's defaults): the other settings hold other tensors
+(``lora_R`` for ``psoft_R.weight``, no vector), and lora-lite's ``PeftFormat`` maps one fixed
+set per variant, so export refuses them and import refuses ``psoft_orth`` / ``psoft_mag_a`` /
+``psoft_mag_b`` false (a core extension, tensors that depend on the config, would lift this).
+Import also refuses ``fan_in_fan_out`` and anything else it does not model; ``psoft_dropout``
+and ``init_weights`` are accepted whatever their value.
 """
 
 from __future__ import annotations
@@ -147,11 +161,35 @@ def _eye(t: torch.Tensor) -> None:
     t.copy_(torch.eye(t.shape[0]))
 
 
+def _to_peft(layer, cfg, t):
+    """Export: R's tensors only (PEFT recomputes A and B from the base weight); PEFT's default
+    tensor set only."""
+    if not (cfg.orth and cfg.mag_a and cfg.mag_b):
+        raise ll.PeftInteropError(
+            f"psoft orth={cfg.orth}, mag_a={cfg.mag_a}, mag_b={cfg.mag_b}: lora-lite's PEFT format maps "
+            "psoft_R.weight / vector_b / vector_a of orth=mag_a=mag_b=True only (the other settings hold other "
+            "tensors, which the format cannot declare)."
+        )
+    return t, cfg.r, cfg.alpha
+
+
 class PSOFT:
     name = "psoft"
     config_class = PSOFTConfig
     additive = True  # y + delta(x): rows of a batch may use different attachments
     lrs = (3e-4, 1e-3, 3e-3, 1e-2)  # r^2/2 + 2r numbers per layer, rotations: like OFT/HRA
+    # PEFT's PSOFT: R's triangle and both vectors; A and B are recomputed from the base weight
+    peft = ll.PeftFormat(
+        {"lora_Q": "psoft_R.weight", "lora_mag_b": "psoft_R.vector_b", "lora_mag_a": "psoft_R.vector_a"},
+        {"psoft_orth": True, "psoft_mag_a": True, "psoft_mag_b": True, "fan_in_fan_out": False},
+        convert=_to_peft, importable=True, peft_type="PSOFT",
+        config_fields={"r": "r", "alpha": "psoft_alpha", "ab_svd_init": "ab_svd_init", "svd": "psoft_svd",
+                       "niter": "psoft_svd_lowrank_niter", "seed": "random_seed",
+                       "use_cayley_neumann": "use_cayley_neumann",
+                       "num_cayley_neumann_terms": "num_cayley_neumann_terms",
+                       "cayley_neumann_eps": "cayley_neumann_eps"},
+        neutral=("psoft_dropout", "init_weights"),
+    )
 
     def param_specs(d_in, d_out, cfg):
         if cfg.r > min(d_in, d_out):

@@ -12,8 +12,9 @@ the weight stays frozen::
 Mask (``mask_type="random"``, PEFT's only built-in one): ``torch.randperm(d_out * d_in)`` on a
 CPU ``torch.Generator`` seeded with ``random_seed`` (``None``: a fresh generator's fixed
 default seed, as PEFT), first ``k`` flat positions; the values are ordered as PEFT's
-``torch.where(mask)``, i.e. the positions sorted row-major. The positions are stored as a
-persistent, non-trainable int64 tensor ``lora_index``, so a checkpoint reloads the mask it
+``torch.where(mask)``, i.e. the positions sorted row-major. The positions are stored as PEFT
+stores them, a persistent, non-trainable int32 tensor ``lora_index`` of shape ``(2, k)`` (row
+indices, then column indices: PEFT's ``shira_indices``), so a checkpoint reloads the mask it
 was trained with (no RNG state needed, and a mask edited by hand or by another rule is
 kept); ``init`` redraws the same positions at load and the saved ones are copied over them.
 
@@ -25,6 +26,15 @@ weight. ``alpha`` is not used: PEFT's ``scaling`` is fixed at 1 for training.
 
 Layers: any linear-like layer (``nn.Linear``, transformers ``Conv1D``, bitsandbytes 4/8-bit):
 the update is added to the base output and the weight is never read.
+
+PEFT format (``ll.export_peft`` / ``ll.import_peft``): PEFT's ``SHIRA`` adapter, the values as
+``shira_weight`` and the mask as ``shira_indices`` (PEFT saves the indices and its load uses
+them instead of redrawing the mask; both copied bit for bit), ``r`` and ``random_seed`` under the
+same names. So a custom mask (PEFT's user ``mask_fn``, or one written into ``lora_index``) goes
+across both ways. ``mask_type`` and ``init_weights`` are accepted whatever their value (the
+file's indices and values define the adapter); export writes ``mask_type="random"``, under
+which PEFT still loads the saved indices. Import refuses ``fan_in_fan_out`` and anything else it
+does not model.
 
 Not implemented from PEFT: a user ``mask_fn`` set on the config object (a function is not
 part of a serialisable config; write a custom mask into ``lora_index`` after attach instead:
@@ -56,24 +66,33 @@ class SHiRAConfig(ll.LoraLiteConfig):
 
 
 def random_mask(d_out: int, d_in: int, k: int, seed: int | None) -> torch.Tensor:
-    """PEFT's random mask as sorted flat positions: the first k of a seeded permutation."""
+    """PEFT's random mask as its ``shira_indices``: the first k of a seeded permutation of the
+    flat positions, sorted, as int32 ``(2, k)`` rows and columns."""
     g = torch.Generator()
     if seed is not None:
         g.manual_seed(seed)
-    return torch.randperm(d_out * d_in, generator=g)[:k].sort().values
+    flat = torch.randperm(d_out * d_in, generator=g)[:k].sort().values
+    return torch.stack([flat // d_in, flat % d_in]).to(torch.int32)
 
 
 def _delta(layer, d_out: int, d_in: int, dtype: torch.dtype) -> torch.Tensor:
     values = layer.lora_shira_weight
     if values.dtype != dtype:
         values = values.to(dtype)
-    return values.new_zeros(d_out * d_in).index_put((layer.lora_index,), values).view(d_out, d_in)
+    rows, cols = layer.lora_index
+    return values.new_zeros(d_out, d_in).index_put((rows, cols), values)
 
 
 class SHiRA:
     name = "shira"
     additive = True  # y + delta(x): rows of a batch may use different attachments
     config_class = SHiRAConfig
+    # PEFT's SHiRA: values and indices per layer, both saved (PEFT's load uses the saved indices)
+    peft = ll.PeftFormat(
+        {"lora_shira_weight": "shira_weight", "lora_index": "shira_indices"}, {"fan_in_fan_out": False},
+        peft_type="SHIRA", config_fields={"r": "r", "random_seed": "random_seed"},
+        neutral=("mask_type", "init_weights"),
+    )
 
     def param_specs(d_in, d_out, cfg):
         k = cfg.r * (d_in + d_out)
@@ -84,8 +103,8 @@ class SHiRA:
             )
         return {
             "lora_shira_weight": ll.ParamSpec((k,), init="zeros"),
-            # placeholder, replaced in init by the int64 positions (ParamSpec tensors are floating)
-            "lora_index": ll.ParamSpec((k,), init="empty", trainable=False),
+            # placeholder, replaced in init by the int32 (row, column) positions (ParamSpec tensors are floating)
+            "lora_index": ll.ParamSpec((2, k), init="empty", trainable=False),
         }
 
     def init(layer, cfg, targets):
