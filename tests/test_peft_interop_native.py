@@ -69,14 +69,6 @@ CASES = {
                                  num_cayley_neumann_terms=4, cayley_neumann_eps=0.5, target_modules=list(QVD))),
 }
 installed = {v.name for v in ll.list_variants()}
-# cases whose import needs a core change (NOTES-fmt2.md): import_peft takes the storage dtype from
-# a module's first tensor in the file, for SHiRA the int32 shira_indices (keys sort before shira_weight)
-IMPORT_NEEDS_CORE = {"shira": "import_peft infers dtype from the int32 shira_indices; core fix in NOTES-fmt2.md"}
-
-
-def _xfail_without_core_fix(request, name):
-    if name in IMPORT_NEEDS_CORE:
-        request.applymarker(pytest.mark.xfail(strict=True, raises=ll.PeftInteropError, reason=IMPORT_NEEDS_CORE[name]))
 
 
 def case(name):
@@ -145,8 +137,7 @@ def test_native_export_matches_peft_logits(tmp_path, name):
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_native_import_matches_peft_logits(tmp_path, name, request):
-    _xfail_without_core_fix(request, name)
+def test_native_import_matches_peft_logits(tmp_path, name):
     pm = peft_trained(name, tmp_path)
     batch = token_batch()
     theirs = logits(pm, batch)
@@ -174,8 +165,7 @@ def test_native_import_matches_peft_logits(tmp_path, name, request):
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_native_export_then_import_round_trips_exactly(tmp_path, name, request):
-    _xfail_without_core_fix(request, name)
+def test_native_export_then_import_round_trips_exactly(tmp_path, name):
     model, atts = lite_trained(name)
     ll.export_peft(model, tmp_path)
     fresh = tiny_qwen3()
@@ -227,7 +217,7 @@ def test_shira_mask_travels_in_the_file_both_ways(tmp_path):
     batch = token_batch()
     theirs = logits(pm, batch)
     model = tiny_qwen3()
-    att = ll.import_peft(model, tmp_path / "peft", dtype=torch.float32)  # dtype: see IMPORT_NEEDS_CORE
+    att = ll.import_peft(model, tmp_path / "peft")
     for t in att.targets:
         k = t.layer.lora_index.shape[1]
         flat = t.layer.lora_index[0].long() * t.d_in + t.layer.lora_index[1].long()

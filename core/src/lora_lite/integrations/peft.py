@@ -264,7 +264,9 @@ def _export_tensors(att: Attachment, fmt: PeftFormat, ranks: set) -> Tensors:
         if not mapped <= held if fmt.convert is not None else held != mapped:
             raise PeftInteropError(
                 f"{name} holds adapter tensors {sorted(att.specs[name])} but the {att.variant.name} PEFT format maps "
-                f"{sorted(set(fmt.keys) | set(fmt.shared))}; the variant's `peft` declaration is out of date."
+                f"{sorted(set(fmt.keys) | set(fmt.shared))}: this configuration of the variant has tensors PEFT's format "
+                "does not hold (see the variant's docs for the settings it exports; as_lora=True exports any mergeable "
+                "one), or the variant's `peft` declaration is out of date."
             )
         own = {k: _full_cpu(getattr(layer, k)) for k in fmt.keys}
         if fmt.convert is not None:
@@ -600,7 +602,9 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, dtype: torch.
         modules = sorted(m for m in by_module if owner_of[m] == v)
         if not modules:
             continue
-        storage = dtype or next(iter(by_module[modules[0]].values())).dtype
+        # the adapter's float tensors set the dtype (an index tensor, SHiRA's int32 shira_indices, does not)
+        storage = dtype or next((t.dtype for t in by_module[modules[0]].values() if t.is_floating_point()),
+                                torch.float32)
         if lora:
             r = int(cfg["r"])
             knobs = {"r": r, "alpha": float(cfg["lora_alpha"]) * (math.sqrt(r) if cfg.get("use_rslora") else 1.0)}
