@@ -47,8 +47,40 @@ CASES = {
                lambda: peft.RoadConfig(variant="road_4", group_size=4, target_modules=list(QVD))),
     "delora": ([("delora", QVD, {"r": 4, "lambda0": 15.0})],
                lambda: peft.DeloraConfig(r=4, delora_lambda=15, target_modules=list(QVD))),
+    # -- loha, hira, boft, miss (fmt1) --
+    "loha": ([("loha", QVD, {"r": 3, "alpha": 5.0})],
+             lambda: peft.LoHaConfig(r=3, alpha=5, target_modules=list(QVD))),
+    "hira": ([("hira", QVD, {"r": 4})], lambda: peft.HiraConfig(r=4, target_modules=list(QVD))),
+    "boft": ([("boft", QVD, {"boft_block_size": 8})],
+             lambda: peft.BOFTConfig(boft_block_size=8, target_modules=list(QVD))),
+    "boft-butterfly": ([("boft", QVD, {"boft_block_size": 0, "boft_block_num": 4, "boft_n_butterfly_factor": 2})],
+                       lambda: peft.BOFTConfig(boft_block_size=0, boft_block_num=4, boft_n_butterfly_factor=2,
+                                               target_modules=list(QVD))),
+    "miss": ([("miss", QVD, {"r": 8, "mode": "balance"})], lambda: peft.MissConfig(r=8, target_modules=list(QVD))),
+    "miss-bat": ([("miss", QVD, {"r": 4, "mode": "bat"})],
+                 lambda: peft.MissConfig(r=4, init_weights="bat", target_modules=list(QVD))),
+    "miss-mini": ([("miss", QVD, {"r": 4, "mode": "mini", "mini_r": 2})],
+                  lambda: peft.MissConfig(r=4, init_weights="mini", mini_r=2, target_modules=list(QVD))),
+    # -- end fmt1 --
 }
 installed = {v.name for v in ll.list_variants()}
+
+
+class _BlockDiagExtension:
+    """A pure-torch stand-in for PEFT's ``fbd_cuda`` extension (block_diag per factor)."""
+
+    @staticmethod
+    def forward(blocks):
+        return [torch.stack([torch.block_diag(*factor) for factor in blocks])]
+
+
+@pytest.fixture(autouse=True)
+def _boft_factors_on_cpu(monkeypatch):
+    """(fmt1) PEFT's BOFT computes butterfly factors > 1 only with its CUDA extension and
+    otherwise warns and uses one factor: give it the stand-in so the boft cases compare m = 2."""
+    import peft.tuners.boft.layer as boft_layer
+
+    monkeypatch.setattr(boft_layer, "get_fbd_cuda", lambda: _BlockDiagExtension)
 
 
 def case(name):
