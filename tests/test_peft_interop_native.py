@@ -223,6 +223,20 @@ S = "base_model.model.model.layers.0.self_attn"
     ("delora", {"config": {"lambda_pattern": {"q_proj": 3.0}}}, "lambda_pattern"),
     ("delora", {"add": {f"{S}.q_proj.delora_C": torch.zeros(3)}}, "not a delora weight"),
     ("oft", {"config": {"target_modules": ["q_proj"]}}, "not selected"),
+    # -- fmt1: loha, hira, boft, miss --
+    ("loha", {"config": {"rank_pattern": {"q_proj": 2}}}, "rank_pattern"),
+    ("loha", {"config": {"alpha_pattern": {"q_proj": 2}}}, "alpha_pattern"),
+    ("loha", {"add": {f"{S}.q_proj.hada_t1": torch.zeros(3, 3, 1, 1)}}, "not a loha weight"),  # CP core
+    ("hira", {"config": {"rank_pattern": {"q_proj": 2}}}, "rank_pattern"),
+    ("hira", {"add": {"base_model.model.model.embed_tokens.hira_embedding_A": torch.zeros(4, 128)}},
+     "not a hira weight"),
+    ("boft", {"config": {"bias": "all"}}, "bias='all'"),
+    ("boft-butterfly", {"config": {"boft_n_butterfly_factor": 1}}, r"shape \(2, 4, 8, 8\) in the file"),
+    ("miss", {"config": {"bias": "lora_only"}}, "bias='lora_only'"),
+    ("miss-bat", {"config": {"init_weights": "mini"}}, r"shape \(8, 4, 4\) in the file but \(4, 1\)"),
+    # PEFT ignores mini_r outside mini mode; lora-lite's config refuses it there (see NOTES-fmt1)
+    ("miss", {"config": {"mini_r": 4}}, "only applies to mode='mini'"),
+    # -- end fmt1 --
 ])
 def test_mismatching_native_adapters_fail_and_leave_the_model_alone(tmp_path, name, change, match):
     if {v for v, _, _ in CASES[name][0]} - installed:
