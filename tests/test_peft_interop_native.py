@@ -67,8 +67,40 @@ CASES = {
         lambda: peft.PsoftConfig(r=4, psoft_alpha=2, ab_svd_init="pissa_init", psoft_svd="lowrank",
                                  psoft_svd_lowrank_niter=3, random_seed=5, use_cayley_neumann=True,
                                  num_cayley_neumann_terms=4, cayley_neumann_eps=0.5, target_modules=list(QVD))),
+    # -- loha, hira, boft, miss (fmt1) --
+    "loha": ([("loha", QVD, {"r": 3, "alpha": 5.0})],
+             lambda: peft.LoHaConfig(r=3, alpha=5, target_modules=list(QVD))),
+    "hira": ([("hira", QVD, {"r": 4})], lambda: peft.HiraConfig(r=4, target_modules=list(QVD))),
+    "boft": ([("boft", QVD, {"boft_block_size": 8})],
+             lambda: peft.BOFTConfig(boft_block_size=8, target_modules=list(QVD))),
+    "boft-butterfly": ([("boft", QVD, {"boft_block_size": 0, "boft_block_num": 4, "boft_n_butterfly_factor": 2})],
+                       lambda: peft.BOFTConfig(boft_block_size=0, boft_block_num=4, boft_n_butterfly_factor=2,
+                                               target_modules=list(QVD))),
+    "miss": ([("miss", QVD, {"r": 8, "mode": "balance"})], lambda: peft.MissConfig(r=8, target_modules=list(QVD))),
+    "miss-bat": ([("miss", QVD, {"r": 4, "mode": "bat"})],
+                 lambda: peft.MissConfig(r=4, init_weights="bat", target_modules=list(QVD))),
+    "miss-mini": ([("miss", QVD, {"r": 4, "mode": "mini", "mini_r": 2})],
+                  lambda: peft.MissConfig(r=4, init_weights="mini", mini_r=2, target_modules=list(QVD))),
+    # -- end fmt1 --
 }
 installed = {v.name for v in ll.list_variants()}
+
+
+class _BlockDiagExtension:
+    """A pure-torch stand-in for PEFT's ``fbd_cuda`` extension (block_diag per factor)."""
+
+    @staticmethod
+    def forward(blocks):
+        return [torch.stack([torch.block_diag(*factor) for factor in blocks])]
+
+
+@pytest.fixture(autouse=True)
+def _boft_factors_on_cpu(monkeypatch):
+    """(fmt1) PEFT's BOFT computes butterfly factors > 1 only with its CUDA extension and
+    otherwise warns and uses one factor: give it the stand-in so the boft cases compare m = 2."""
+    import peft.tuners.boft.layer as boft_layer
+
+    monkeypatch.setattr(boft_layer, "get_fbd_cuda", lambda: _BlockDiagExtension)
 
 
 def case(name):
@@ -305,6 +337,20 @@ S = "base_model.model.model.layers.0.self_attn"
     ("psoft", {"config": {"psoft_mag_b": False}}, "psoft_mag_b=False"),
     ("psoft", {"config": {"fan_in_fan_out": True}}, "fan_in_fan_out"),
     ("psoft", {"config": {"ab_svd_init": "olora"}}, "valid psoft config"),
+    # -- fmt1: loha, hira, boft, miss --
+    ("loha", {"config": {"rank_pattern": {"q_proj": 2}}}, "rank_pattern"),
+    ("loha", {"config": {"alpha_pattern": {"q_proj": 2}}}, "alpha_pattern"),
+    ("loha", {"add": {f"{S}.q_proj.hada_t1": torch.zeros(3, 3, 1, 1)}}, "not a loha weight"),  # CP core
+    ("hira", {"config": {"rank_pattern": {"q_proj": 2}}}, "rank_pattern"),
+    ("hira", {"add": {"base_model.model.model.embed_tokens.hira_embedding_A": torch.zeros(4, 128)}},
+     "not a hira weight"),
+    ("boft", {"config": {"bias": "all"}}, "bias='all'"),
+    ("boft-butterfly", {"config": {"boft_n_butterfly_factor": 1}}, r"shape \(2, 4, 8, 8\) in the file"),
+    ("miss", {"config": {"bias": "lora_only"}}, "bias='lora_only'"),
+    ("miss-bat", {"config": {"init_weights": "mini"}}, r"shape \(8, 4, 4\) in the file but \(4, 1\)"),
+    # PEFT ignores mini_r outside mini mode; lora-lite's config refuses it there (see NOTES-fmt1)
+    ("miss", {"config": {"mini_r": 4}}, "only applies to mode='mini'"),
+    # -- end fmt1 --
 ])
 def test_mismatching_native_adapters_fail_and_leave_the_model_alone(tmp_path, name, change, match):
     if {v for v, _, _ in CASES[name][0]} - installed:

@@ -30,6 +30,15 @@ the extension cannot be built (any CPU machine, or no ninja), PEFT warns and sil
 with ``m = 1``. Here ``m`` always means what the config says, on every device; the parity
 tests give PEFT a pure-torch stand-in for the extension to compare ``m = 2, 3``.
 
+PEFT format (``lora_lite.export_peft`` / ``import_peft``): PEFT's ``BOFT`` adapter,
+``lora_R`` / ``lora_s`` as ``boft_R`` / ``boft_s`` (same shapes), ``boft_block_size``,
+``boft_block_num`` and ``boft_n_butterfly_factor`` as PEFT's keys. Import accepts
+``boft_dropout``, ``init_weights`` and ``fan_in_fan_out`` whatever their values and refuses
+``bias`` other than ``"none"`` (trained base biases). A file with ``boft_n_butterfly_factor
+> 1`` means what it says in both libraries only where PEFT has its ``fbd_cuda`` extension
+(see above: without it PEFT computes one factor). PEFT's BOFT takes ``nn.Linear`` (and
+Conv2d), not transformers ``Conv1D``: a GPT-2 export does not load there.
+
 Not implemented: ``boft_dropout`` (PEFT's multiplicative dropout that swaps random blocks for
 ``I`` while training; it is off by default) and Conv2d layers (lora-lite targets linear-like
 layers here). ``r`` and ``alpha`` are not used.
@@ -125,6 +134,16 @@ class BOFT:
     name = "boft"
     config_class = BOFTConfig
     size_knob = "boft_block_size"
+    # PEFT's BOFT: boft_R / boft_s one to one, the three shape knobs under PEFT's names
+    peft = ll.PeftFormat(
+        {"lora_R": "boft_R", "lora_s": "boft_s"},
+        {"bias": "none"},
+        peft_type="BOFT",
+        config_fields={"boft_block_size": "boft_block_size", "boft_block_num": "boft_block_num",
+                       "boft_n_butterfly_factor": "boft_n_butterfly_factor"},
+        # fan_in_fan_out: PEFT forces it False on nn.Linear (the only linear kind its BOFT takes)
+        neutral=("boft_dropout", "init_weights", "fan_in_fan_out"),
+    )
 
     def param_specs(d_in, d_out, cfg):
         m, num, size = layer_shape(d_in, cfg)

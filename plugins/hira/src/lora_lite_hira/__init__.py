@@ -26,6 +26,12 @@ Layers: the forward reads the base weight on every call, through the layer kind'
 ``Linear4bit`` / ``Linear8bitLt`` (dequantized on every forward, as PEFT's bnb HiRA does).
 A linear-like layer no kind understands raises ``ll.WeightAccessError`` at attach.
 
+PEFT format (``lora_lite.export_peft`` / ``import_peft``): PEFT's ``HIRA`` adapter,
+``lora_A`` / ``lora_B`` as ``hira_A`` / ``hira_B`` (same shapes), ``r`` as ``r``. Import
+accepts ``hira_dropout``, ``init_weights`` and ``fan_in_fan_out`` whatever their values
+(training noise, init, and a flag PEFT itself corrects per layer kind) and refuses
+``rank_pattern``, and adapters on embeddings or convolutions (not linear layers here).
+
 Not implemented from PEFT: ``hira_dropout`` (lora-lite variants take no dropout),
 embeddings and convolutions (PEFT's ``hira.Embedding`` / ``hira.Conv*d``; only
 linear-like layers are declared), ``rank_pattern``, and ``init_weights=False`` (random
@@ -64,6 +70,14 @@ class HiRA:
     name = "hira"
     config_class = HiRAConfig
     additive = True  # y + delta(x): rows of a batch may use different attachments
+    # PEFT's HIRA: hira_A / hira_B one to one. fan_in_fan_out: PEFT sets it per layer kind itself
+    # (False on nn.Linear, True on Conv1D), the tensors' layout does not depend on it
+    peft = ll.PeftFormat(
+        {"lora_A": "hira_A", "lora_B": "hira_B"},
+        peft_type="HIRA",
+        config_fields={"r": "r"},
+        neutral=("hira_dropout", "init_weights", "fan_in_fan_out"),
+    )
 
     def param_specs(d_in, d_out, cfg):
         return {

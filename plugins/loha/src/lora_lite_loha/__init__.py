@@ -37,6 +37,13 @@ act on the flattened (out, in * prod(kernel)) weight view and the dense delta, r
 the kernel, is convolved with the layer's stride, padding and dilation. ``merge`` writes
 ``W + s (W1a W1b) * (W2a W2b)`` on that view.
 
+PEFT format (``lora_lite.export_peft`` / ``import_peft``): PEFT's ``LOHA`` adapter, the
+four factors as ``hada_w1_a`` ... ``hada_w2_b`` with the same shapes, ``r`` and ``alpha`` as
+PEFT's keys; ``delta_form`` is not written (it does not change the function). Import accepts
+``rank_dropout`` / ``module_dropout`` / ``init_weights`` / ``use_effective_conv2d`` whatever
+their values (training noise, init, and a flag without effect on linear layers) and refuses
+``rank_pattern`` / ``alpha_pattern`` and CP-core tensors (``hada_t1`` / ``hada_t2``).
+
 Not implemented from PEFT: ``rank_dropout`` and ``module_dropout`` (training-time noise;
 lora-lite variants take no dropout), ``use_effective_conv2d`` (FedPara's Proposition 3, a
 CP core ``t1``/``t2`` per kernel: a different parametrisation for k x k convolutions),
@@ -105,6 +112,14 @@ class LoHa:
     config_class = LoHaConfig
     layer_kinds = ("linear-like", "torch-conv1d", "torch-conv2d")
     additive = True  # y + delta(x): rows of a batch may use different attachments
+    # PEFT's LOHA: hada_* one to one; delta_form is how lora-lite computes it, not part of the file
+    peft = ll.PeftFormat(
+        {"lora_w1_a": "hada_w1_a", "lora_w1_b": "hada_w1_b", "lora_w2_a": "hada_w2_a", "lora_w2_b": "hada_w2_b"},
+        peft_type="LOHA",
+        config_fields={"r": "r", "alpha": "alpha"},
+        # use_effective_conv2d: no effect on linear layers; a CP-core file holds hada_t1/hada_t2, refused as keys
+        neutral=("rank_dropout", "module_dropout", "init_weights", "use_effective_conv2d"),
+    )
 
     def param_specs(d_in, d_out, cfg):
         # the kaiming-drawn factors stay fp32 whatever cfg.dtype (see the module docstring)

@@ -26,6 +26,14 @@ reads it through ``lora_lite.dense_weight`` on every forward: exact on any kind 
 can read, a dequantization per call on bitsandbytes layers (PEFT refuses bat on backends
 without dequantization); storage nothing can read raises ``WeightAccessError`` at attach.
 
+PEFT format (``lora_lite.export_peft`` / ``import_peft``): PEFT's ``MISS`` adapter, ``D``
+as ``miss_block`` (PEFT's shape in each mode), ``r`` and ``mini_r`` as PEFT's keys, ``mode``
+as ``init_weights``. PEFT spells balance ``True``; core writes a knob's value as it is, so
+the export writes ``init_weights="balance"``, which PEFT reads as balance (any true value but
+``"bat"`` / ``"mini"`` is balance there). Import reads ``True`` and ``False`` (a random start
+of the same balance layout) as ``"balance"``. ``miss_dropout`` is accepted whatever its
+value; ``bias`` other than ``"none"`` (trained base biases) is refused.
+
 Not implemented from PEFT: ``init_weights=False`` (kaiming-random ``D``, a test-only
 non-identity start), ``miss_dropout`` (lora-lite variants take no dropout).
 """
@@ -48,10 +56,13 @@ class MissConfig(ll.LoraLiteConfig):
     in mini mode (must divide every target's ``d_out``)."""
 
     variant: str = "miss"
-    mode: Literal["balance", "bat", "mini"] = "balance"
+    # True / False: PEFT's init_weights spelling of "balance" (read from PEFT files), stored as "balance"
+    mode: Literal["balance", "bat", "mini"] | bool = "balance"
     mini_r: int = 1
 
     def validate(self):
+        if isinstance(self.mode, bool):  # PEFT's init_weights=True (zeros) / False (random): both balance
+            self.mode = "balance"
         if self.mini_r < 1:
             raise ll.ConfigError(f"miss mini_r must be a positive integer, got {self.mini_r}.")
         if self.mode != "mini" and self.mini_r != 1:
@@ -80,6 +91,14 @@ class MiSS:
     name = "miss"
     additive = True  # y + delta(x): rows of a batch may use different attachments
     config_class = MissConfig
+    # PEFT's MISS: D as miss_block (same shape in every mode), mode as init_weights
+    peft = ll.PeftFormat(
+        {"lora_D": "miss_block"},
+        {"bias": "none"},
+        peft_type="MISS",
+        config_fields={"r": "r", "mini_r": "mini_r", "mode": "init_weights"},
+        neutral=("miss_dropout",),
+    )
     lrs = (3e-5, 1e-4, 3e-4, 1e-3)  # every entry of D acts on a sum of d_in / r input shards
     size_knob = "r"  # D has r * d_out numbers (balance), d_out * r (bat), r * mini_r (mini)
 
