@@ -89,17 +89,11 @@ def test_shapes_a_layer_cannot_take_are_refused_untouched(kwargs, match):
     assert_model_unchanged(model, before)
 
 
-@pytest.mark.parametrize("kwargs", [{"mode": "fast"}, {"mode": 1}, {"mini_r": 0, "mode": "mini"},
-                                    {"mini_r": 4}, {"r": 0}, {"mode": False, "mini_r": 2}])
+@pytest.mark.parametrize("kwargs", [{"mode": "fast"}, {"mode": True}, {"mini_r": 0, "mode": "mini"},
+                                    {"mini_r": 4}, {"r": 0}])
 def test_bad_knobs_are_config_errors(kwargs):
     with pytest.raises(ll.ConfigError):
         ll.LoraLiteConfig(variant="miss", **kwargs)
-
-
-@pytest.mark.parametrize("flag", [True, False])
-def test_peft_init_weights_spelling_of_balance_is_read_as_balance(flag):
-    # PEFT's init_weights=True (zeros) / False (random) are both the balance layout (import_peft reads them)
-    assert ll.LoraLiteConfig(variant="miss", mode=flag).mode == "balance"
 
 
 @pytest.mark.parametrize("mode,peft_init,mini_r", [("balance", True, 1), ("bat", "bat", 1), ("mini", "mini", 8)])

@@ -95,6 +95,10 @@ class PeftFormat:
         ``convert`` is ``None``. ``True`` for a variant whose ``convert`` rewrites only some
         configurations (an init that changed the base weight) and whose files are otherwise
         plain tensors.
+    :param optional: names in ``keys`` a layer may lack (LoKr: each Kronecker factor is one
+        matrix or a rank-r pair, by the layer's shape): export writes the mapped tensors a
+        layer holds; import requires each module's tensors to be exactly the mapped ones the
+        attached layer holds.
     """
 
     keys: dict[str, str]
@@ -109,6 +113,7 @@ class PeftFormat:
     config_of: Callable[[LoraLiteConfig], dict[str, Any]] | None = None
     knobs_of: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     importable: bool | None = None
+    optional: tuple[str, ...] = ()
 
     @property
     def reads(self) -> bool:
@@ -260,15 +265,16 @@ def _export_tensors(att: Attachment, fmt: PeftFormat, ranks: set) -> Tensors:
     tensors: Tensors = {}
     for name, layer in ((t.name, t.layer) for t in att.targets):
         mapped, held = set(fmt.keys) | set(fmt.shared), set(att.specs[name])
+        need = mapped - set(fmt.optional)
         # a format with a convert may read more of the layer (LoRA's padded scale tensor)
-        if not mapped <= held if fmt.convert is not None else held != mapped:
+        if not need <= held if fmt.convert is not None else not need <= held <= mapped:
             raise PeftInteropError(
                 f"{name} holds adapter tensors {sorted(att.specs[name])} but the {att.variant.name} PEFT format maps "
                 f"{sorted(set(fmt.keys) | set(fmt.shared))}: this configuration of the variant has tensors PEFT's format "
                 "does not hold (see the variant's docs for the settings it exports; as_lora=True exports any mergeable "
                 "one), or the variant's `peft` declaration is out of date."
             )
-        own = {k: _full_cpu(getattr(layer, k)) for k in fmt.keys}
+        own = {k: _full_cpu(getattr(layer, k)) for k in fmt.keys if k in held}
         if fmt.convert is not None:
             own, r, alpha = fmt.convert(layer, att.cfg, own)
         else:
@@ -302,6 +308,8 @@ def _native_config(model: nn.Module, group: list[tuple[Attachment, PeftFormat]],
     for att, fmt in group:
         entries = {key: getattr(att.cfg, knob) for knob, key in fmt.config_fields.items()}
         entries.update(fmt.config)
+        if fmt.config_of is not None:  # knobs PEFT spells differently (MiSS: mode "balance" is init_weights=True)
+            entries.update(fmt.config_of(att.cfg))
         if fmt.subset:
             listed = _target_modules(model, att.target_names)
             # full paths where leaves would not be a subset of target_modules, or PEFT's suffix
@@ -579,7 +587,8 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, dtype: torch.
     # which variant holds each module: the first whose subset list names it, else the main one
     owner_of = {m: next((v for v, f in formats[1:] if _peft_listed(cfg.get(f.subset), m)), variant) for m in by_module}
     fmt_of = dict(formats)
-    incomplete = [m for m, t in by_module.items() if set(t) != set(fmt_of[owner_of[m]].keys)]
+    incomplete = [m for m, t in by_module.items()
+                  if not set(fmt_of[owner_of[m]].keys) - set(fmt_of[owner_of[m]].optional) <= set(t)]
     if not by_module or incomplete:
         raise PeftInteropError(
             f"{path}: modules without all of {sorted(fmt.keys.values())}: {incomplete[:5] or 'no tensors at all'}."
@@ -612,6 +621,8 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, dtype: torch.
                 knobs.update(f.knobs_of(cfg))
         else:
             knobs = {knob: cfg[key] for knob, key in f.config_fields.items() if cfg.get(key) is not None}
+            if f.knobs_of is not None:
+                knobs.update(f.knobs_of(cfg))
         try:
             configs.append((v, f, modules, LoraLiteConfig(
                 variant=v, dtype=storage, exclude_names=(), target_names=tuple(f"^{re.escape(m)}$" for m in modules),
@@ -623,6 +634,14 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, dtype: torch.
         for v, f, modules, config in configs:
             att = attach(model, config)
             attached.append(att)
+            if f.optional:  # the tensors this layer holds, by its shape
+                for t in att.targets:
+                    want = set(att.specs[t.name]) & set(f.keys)
+                    if set(by_module[t.name]) != want:
+                        raise PeftInteropError(
+                            f"{path}: {t.name} has {sorted(f.keys[k] for k in by_module[t.name])} in the file but "
+                            f"{sorted(f.keys[k] for k in want)} here (r={att.cfg.r}, layer {t.d_in} -> {t.d_out})."
+                        )
             with torch.no_grad():
                 for t in att.targets:
                     for name, value in by_module[t.name].items():
@@ -702,7 +721,8 @@ def add_cli_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cli_export)
     p = subparsers.add_parser(
         "import-peft",
-        help="convert a PEFT adapter directory (LoRA, DoRA, IA3, VeRA, OFT, HRA, RoAd, DeLoRA) to a lora-lite checkpoint",
+        help="convert a PEFT adapter directory (LoRA, or a native PEFT format an installed variant declares; "
+             "see docs/peft-interop.md) to a lora-lite checkpoint",
     )
     p.add_argument("peft_dir", help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("output", help="lora-lite .safetensors checkpoint to write")

@@ -37,6 +37,17 @@ compute the same function (tested to float rounding).
 Layers: LoKr never reads the base weight, so every linear-like layer (``nn.Linear``,
 GPT-2 ``Conv1D``, bitsandbytes 4/8-bit) works as it is.
 
+PEFT format (``lora_lite.export_peft`` / ``import_peft``, needs core's
+``PeftFormat(optional=...)``): PEFT's ``LOKR`` adapter, the factors a layer holds as
+``lokr_w1`` or ``lokr_w1_a``/``lokr_w1_b`` and ``lokr_w2`` or ``lokr_w2_a``/``lokr_w2_b``
+(same shapes; which ones follows from the layer's shape in both libraries), ``r``,
+``alpha``, ``decompose_both`` and ``decompose_factor`` as PEFT's keys. ``delta_form`` and
+``init_weights`` are not written (they do not change the function). Import accepts
+``rank_dropout`` / ``module_dropout`` / ``rank_dropout_scale`` / ``init_weights`` /
+``use_effective_conv2d`` whatever their values and refuses ``rank_pattern`` /
+``alpha_pattern``, conv tensors (``lokr_t2``) and a file whose tensors on a layer are not
+the ones this config gives it.
+
 Not implemented from PEFT: convolutions (PEFT factorises the channels and keeps the
 kernel in ``W2``: a layout other than lora-lite's flattened (out, in * kernel) view; not
 declared), ``use_effective_conv2d``, ``rank_dropout`` / ``module_dropout`` /
@@ -151,6 +162,18 @@ class LoKr:
     config_class = LoKrConfig
     layer_kinds = ("linear-like",)
     additive = True  # y + delta(x): rows of a batch may use different attachments
+    _FACTORS = ("lora_w1", "lora_w1_a", "lora_w1_b", "lora_w2", "lora_w2_a", "lora_w2_b")
+    # PEFT's LOKR: lokr_* one to one; which of them a layer holds follows from its shape (optional)
+    peft = ll.PeftFormat(
+        {k: k.replace("lora_", "lokr_") for k in _FACTORS},
+        peft_type="LOKR",
+        config_fields={"r": "r", "alpha": "alpha", "decompose_both": "decompose_both",
+                       "decompose_factor": "decompose_factor"},
+        optional=_FACTORS,
+        # init_weights (lora-lite's "default"/"lycoris" = PEFT's True/"lycoris") only picks the zeroed
+        # factor; use_effective_conv2d has no effect on linear layers (a conv file's lokr_t2 is refused)
+        neutral=("rank_dropout", "module_dropout", "rank_dropout_scale", "init_weights", "use_effective_conv2d"),
+    )
 
     def param_specs(d_in, d_out, cfg):
         l, k, m, n, split_w1, split_w2 = _shapes(d_in, d_out, cfg)

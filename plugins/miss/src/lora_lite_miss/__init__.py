@@ -28,10 +28,9 @@ without dequantization); storage nothing can read raises ``WeightAccessError`` a
 
 PEFT format (``lora_lite.export_peft`` / ``import_peft``): PEFT's ``MISS`` adapter, ``D``
 as ``miss_block`` (PEFT's shape in each mode), ``r`` and ``mini_r`` as PEFT's keys, ``mode``
-as ``init_weights``. PEFT spells balance ``True``; core writes a knob's value as it is, so
-the export writes ``init_weights="balance"``, which PEFT reads as balance (any true value but
-``"bat"`` / ``"mini"`` is balance there). Import reads ``True`` and ``False`` (a random start
-of the same balance layout) as ``"balance"``. ``miss_dropout`` is accepted whatever its
+as ``init_weights`` (PEFT's spelling: balance is ``True``; import reads ``True`` and
+``False``, a random start of the same layout, as ``"balance"``, and ``mini_r`` in mini mode
+only, as PEFT does). ``miss_dropout`` is accepted whatever its
 value; ``bias`` other than ``"none"`` (trained base biases) is refused.
 
 Not implemented from PEFT: ``init_weights=False`` (kaiming-random ``D``, a test-only
@@ -49,6 +48,13 @@ import torch.nn.functional as F
 import lora_lite as ll
 
 
+def _knobs_of_peft(c: dict) -> dict:
+    """PEFT's MISS config -> knobs: ``init_weights`` True (zeros) or False (random start) is the
+    balance layout; PEFT writes ``mini_r`` in every mode and reads it in mini mode only."""
+    mode = "balance" if isinstance(c.get("init_weights", True), bool) else c["init_weights"]
+    return {"mode": mode, "mini_r": c.get("mini_r", 1) if mode == "mini" else 1}
+
+
 @dataclass
 class MissConfig(ll.LoraLiteConfig):
     """``r``: shard width along the input (PEFT's ``r``); ``mode``: PEFT's ``init_weights``
@@ -56,13 +62,10 @@ class MissConfig(ll.LoraLiteConfig):
     in mini mode (must divide every target's ``d_out``)."""
 
     variant: str = "miss"
-    # True / False: PEFT's init_weights spelling of "balance" (read from PEFT files), stored as "balance"
-    mode: Literal["balance", "bat", "mini"] | bool = "balance"
+    mode: Literal["balance", "bat", "mini"] = "balance"
     mini_r: int = 1
 
     def validate(self):
-        if isinstance(self.mode, bool):  # PEFT's init_weights=True (zeros) / False (random): both balance
-            self.mode = "balance"
         if self.mini_r < 1:
             raise ll.ConfigError(f"miss mini_r must be a positive integer, got {self.mini_r}.")
         if self.mode != "mini" and self.mini_r != 1:
@@ -98,6 +101,9 @@ class MiSS:
         peft_type="MISS",
         config_fields={"r": "r", "mini_r": "mini_r", "mode": "init_weights"},
         neutral=("miss_dropout",),
+        # PEFT spells balance init_weights=True (False: a random start of the same layout)
+        config_of=lambda cfg: {"init_weights": True if cfg.mode == "balance" else cfg.mode},
+        knobs_of=lambda c: _knobs_of_peft(c),
     )
     lrs = (3e-5, 1e-4, 3e-4, 1e-3)  # every entry of D acts on a sum of d_in / r input shards
     size_knob = "r"  # D has r * d_out numbers (balance), d_out * r (bat), r * mini_r (mini)
