@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -88,9 +89,24 @@ def linear_like_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if name and is_linear_like(m)]
 
 
+def _classified(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module, Any]]]:
+    """One walk, one ``layer_kind`` per module: the linear-like modules, and the modules of a
+    ``by_name_only`` kind (embeddings, convolutions) with their kind."""
+    linears, named_only = [], []
+    for name, m in model.named_modules():
+        if not name or _HOST_ATTR in m.__dict__:
+            continue
+        kind = layer_kind(m)
+        if kind is not None and kind.by_name_only:
+            named_only.append((name, m, kind))
+        elif kind is not None or is_linear_like(m):
+            linears.append((name, m))
+    return linears, named_only
+
+
 def find_targets(model: nn.Module, cfg: LoraLiteConfig) -> list[Target]:
     """Apply ``cfg``'s roles and filters; raise :class:`TargetingError` if nothing matches."""
-    linears = linear_like_modules(model)
+    linears, named_only = _classified(model)
     d_model = infer_d_model(model, linears)
     wanted_roles = set(cfg.target_roles) or {"reader", "writer", "inner"}
     tied, uncalled = _special_ids(model)
@@ -114,7 +130,7 @@ def find_targets(model: nn.Module, cfg: LoraLiteConfig) -> list[Target]:
             continue
         targets.append(Target(name, layer, roles, d_in, d_out, block))
     if include:
-        targets += _named_only_targets(model, cfg, include, exclude)
+        targets += _named_only_targets(named_only, cfg, include, exclude)
     _refuse_uncalled(targets, uncalled)
     if not targets:
         hidden = [n for n, _ in model.named_modules()
@@ -125,14 +141,11 @@ def find_targets(model: nn.Module, cfg: LoraLiteConfig) -> list[Target]:
     return targets
 
 
-def _named_only_targets(model: nn.Module, cfg: LoraLiteConfig, include, exclude) -> list[Target]:
+def _named_only_targets(named_only, cfg: LoraLiteConfig, include, exclude) -> list[Target]:
     """Embeddings and convolutions (kinds that are ``by_name_only``): targets only when a
     ``target_names`` pattern names them; they have no roles."""
     out = []
-    for name, layer in model.named_modules():
-        kind = layer_kind(layer) if name else None
-        if kind is None or not kind.by_name_only or _HOST_ATTR in layer.__dict__:
-            continue
+    for name, layer, kind in named_only:
         if any(p.search(name) for p in exclude) or not any(p.search(name) for p in include):
             continue
         block = block_index(name)
