@@ -67,3 +67,13 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
     assert all(isinstance(r["compiled_over_eager"], float) for r in res["models"]), res["models"]
     assert res["merged"]["merged_over_base"] > 0
     assert (tmp_path / "gpu.md").read_text().startswith("# lora-lite GPU readiness")
+
+
+def test_fusion_lever_computes_the_same_function():
+    """bench/levers.py's sibling-fusion experiment: the fused and unfused LoRA models must
+    compute the same function for the timing comparison to mean anything."""
+    pytest.importorskip("transformers")
+    from bench.levers import bench_fusion
+
+    out = bench_fusion("tiny", repeats=1)
+    assert out["same_function"] and out["fused_over_unfused"] > 0
