@@ -47,6 +47,21 @@ CASES = {
                lambda: peft.RoadConfig(variant="road_4", group_size=4, target_modules=list(QVD))),
     "delora": ([("delora", QVD, {"r": 4, "lambda0": 15.0})],
                lambda: peft.DeloraConfig(r=4, delora_lambda=15, target_modules=list(QVD))),
+    # fmt3: vblora, randlora, adalora
+    "vblora": ([("vblora", QVD, {"r": 3, "num_vectors": 16, "vector_length": 8, "topk": 3, "subtract_init": False,
+                                 "init_logits_std": 0.2})],
+               lambda: peft.VBLoRAConfig(r=3, num_vectors=16, vector_length=8, topk=3, init_logits_std=0.2,
+                                         target_modules=list(QVD))),
+    "randlora": ([("randlora", QVD, {"r": 4, "alpha": 8.0, "projection_prng_key": 3, "save_projection": True})],
+                 lambda: peft.RandLoraConfig(r=4, randlora_alpha=8, projection_prng_key=3, save_projection=True,
+                                             target_modules=list(QVD))),
+    "randlora-sparse": ([("randlora", QVD, {"r": 8, "alpha": 16.0, "projection_prng_key": 5, "sparse": True})],
+                        lambda: peft.RandLoraConfig(r=8, randlora_alpha=16, projection_prng_key=5, sparse=True,
+                                                    save_projection=False, target_modules=list(QVD))),
+    "adalora": ([("adalora", QVD, {"r": 6, "alpha": 4.0, "target_r": 3, "total_step": 20, "tinit": 2, "tfinal": 3,
+                                   "deltaT": 2, "beta1": 0.8, "orth_reg_weight": 0.3})],
+                lambda: peft.AdaLoraConfig(init_r=6, lora_alpha=4, target_r=3, total_step=20, tinit=2, tfinal=3,
+                                           deltaT=2, beta1=0.8, orth_reg_weight=0.3, target_modules=list(QVD))),
 }
 installed = {v.name for v in ll.list_variants()}
 
@@ -90,6 +105,9 @@ def peft_trained(name, directory, seed=7):
         if name == "vera":  # saved projections are read from the file, not regenerated
             for buf in (pm.base_model.vera_A["default"], pm.base_model.vera_B["default"]):
                 buf.add_(torch.randn(buf.shape, generator=g) * 0.05)
+        if name == "randlora":  # as vera's (every layer holds the same buffers)
+            for buf in (pm.base_model.randlora_A["default"], pm.base_model.randlora_B["default"]):
+                buf.add_((torch.randn(buf.shape, generator=g) * 0.05).to(buf.dtype))
     pm.save_pretrained(str(directory))
     return pm
 
@@ -113,7 +131,10 @@ def test_native_export_matches_peft_logits(tmp_path, name):
     assert set(landed) == set(saved)
     for k, v in saved.items():
         assert torch.equal(landed[k], v), k
-    assert len(saved) == sum(len(a) * len(a.variant.peft.keys) for a in atts) + (2 if name == "vera" else 0)
+    def written(a, k):  # a shared tensor (and its per-target copies) is written only when persistent
+        return k not in a.variant.peft.shared or a.specs[a.target_names[0]][k].persistent
+    assert len(saved) == sum(len(a) * sum(written(a, k) for k in a.variant.peft.keys)
+                             + sum(written(a, k) for k in a.variant.peft.shared) for a in atts)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -134,7 +155,8 @@ def test_native_import_matches_peft_logits(tmp_path, name):
     seen = set()
     for a in ll.attachments(model):
         fmt = a.variant.peft
-        places = [(f"base_model.model.{t.name}.{suffix}", t.layer, name) for t in a.targets for name, suffix in fmt.keys.items()]
+        places = [(f"base_model.model.{t.name}.{suffix}", t.layer, name) for t in a.targets for name, suffix in fmt.keys.items()
+                  if name not in fmt.shared or f"base_model.model.{t.name}.{suffix}" in saved]
         places += [(key, a.targets[0].layer, name) for name, key in fmt.shared.items() if key in saved]
         for key, layer, name in places:
             got = getattr(layer, name)
