@@ -213,6 +213,19 @@ S = "base_model.model.model.layers.0.self_attn"
     ("delora", {"config": {"lambda_pattern": {"q_proj": 3.0}}}, "lambda_pattern"),
     ("delora", {"add": {f"{S}.q_proj.delora_C": torch.zeros(3)}}, "not a delora weight"),
     ("oft", {"config": {"target_modules": ["q_proj"]}}, "not selected"),
+    # fmt3: vblora, randlora, adalora
+    ("vblora", {"config": {"save_only_topk_weights": True}}, "save_only_topk_weights=True: vblora reads"),
+    ("vblora", {"config": {"fan_in_fan_out": True}}, "fan_in_fan_out"),
+    ("vblora", {"drop": ["base_model.vblora_vector_bank"]}, "no 'base_model.vblora_vector_bank' in the file"),
+    ("randlora", {"drop": ["base_model.randlora_A", "base_model.randlora_B"]}, "no 'base_model.randlora_A' in the file"),
+    ("randlora", {"add": {f"{S}.q_proj.randlora_A": torch.zeros(4, 1, 32)}}, "not a copy of 'base_model.randlora_A'"),
+    ("randlora-sparse", {"config": {"very_sparse": True}}, "valid randlora config"),
+    ("randlora", {"config": {"bias": "randlora_only"}}, "bias='randlora_only'"),
+    ("adalora", {"config": {"rank_pattern": {"model.layers.0.self_attn.q_proj.lora_E": [True] * 3}}},
+     "rank_pattern of model.layers.0.self_attn.q_proj"),
+    ("adalora", {"config": {"lora_bias": True}}, "lora_bias"),
+    ("adalora", {"config": {"alpha_pattern": {"q_proj": 2}}}, "alpha_pattern"),
+    ("adalora", {"config": {"modules_to_save": ["lm_head"]}}, "modules_to_save"),
 ])
 def test_mismatching_native_adapters_fail_and_leave_the_model_alone(tmp_path, name, change, match):
     if {v for v, _, _ in CASES[name][0]} - installed:

@@ -651,6 +651,9 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, dtype: torch.
                     for name, value in by_module[t.name].items():
                         if name in f.shared:  # PEFT's per-target copy of a shared tensor: must be that tensor
                             ref = shared.get(v, {}).get(name)
+                            if ref is None and att.specs[t.name][name].persistent:
+                                raise PeftInteropError(f"{path}: no {f.shared[name]!r} in the file, but the config "
+                                                       "says it is saved (it is not regenerated from the config).")
                             if not att.specs[t.name][name].persistent or ref is None or not torch.equal(value, ref):
                                 raise PeftInteropError(
                                     f"{path}: {t.name}.{f.keys[name]} is not a copy of {f.shared[name]!r} (PEFT saves "
