@@ -58,9 +58,9 @@ CASES = {
     "randlora-sparse": ([("randlora", QVD, {"r": 8, "alpha": 16.0, "projection_prng_key": 5, "sparse": True})],
                         lambda: peft.RandLoraConfig(r=8, randlora_alpha=16, projection_prng_key=5, sparse=True,
                                                     save_projection=False, target_modules=list(QVD))),
-    "adalora": ([("adalora", QVD, {"r": 6, "alpha": 4.0, "target_r": 3, "total_step": 20, "tinit": 2, "tfinal": 3,
+    "adalora": ([("adalora", QVD, {"r": 6, "alpha": 32.0, "target_r": 3, "total_step": 20, "tinit": 2, "tfinal": 3,
                                    "deltaT": 2, "beta1": 0.8, "orth_reg_weight": 0.3})],
-                lambda: peft.AdaLoraConfig(init_r=6, lora_alpha=4, target_r=3, total_step=20, tinit=2, tfinal=3,
+                lambda: peft.AdaLoraConfig(init_r=6, lora_alpha=32, target_r=3, total_step=20, tinit=2, tfinal=3,
                                            deltaT=2, beta1=0.8, orth_reg_weight=0.3, target_modules=list(QVD))),
 }
 installed = {v.name for v in ll.list_variants()}

@@ -16,8 +16,9 @@ another ``peft_type`` (IA3, VERA, OFT, ...) also names which config knob is whic
 adapter that is several lora-lite attachments, the config list that selects its modules
 (``subset``, IA3's ``feedforward_modules``).
 
-Anything that would change the math (another variant, ``rank_pattern``, a trained bias,
-``modules_to_save``, a base-mutating init, missing or extra tensors) raises
+Anything that would change the math (another variant, ``rank_pattern`` where no format reads
+it, a trained bias, ``modules_to_save``, a base-mutating init no variant declares reading,
+missing or extra tensors) raises
 :class:`~lora_lite.errors.PeftInteropError` before a file is written or the model touched;
 PEFT itself only warns on missing keys. ``lora_dropout`` (a training regulariser, not
 part of the adapter's function) and ``use_rslora`` are written and read by a variant whose
@@ -97,8 +98,9 @@ class PeftFormat:
         (``{"alpha": ..., "use_rslora": True}``; VB-LoRA's ``subtract_init=False``).
     :param importable: whether import may choose this format; ``None`` (default): only when
         ``convert`` is ``None``. ``True`` for a variant whose ``convert`` rewrites only some
-        configurations (an init that changed the base weight), or only its own exports, and
-        whose PEFT files are otherwise plain tensors (PiSSA's ``init_lora_weights="pissa"``).
+        configurations (an init that changed the base weight), or whose ``convert`` writes
+        another form than the PEFT files it reads (PiSSA: exports a LoRA delta, reads PEFT's
+        unconverted ``init_lora_weights="pissa"`` files), the files it reads holding plain tensors.
     :param config_from: ``attachment -> adapter_config.json entries`` read from its tensors,
         written on export after the others (non-LORA formats; AdaLoRA's ``rank_pattern``).
     :param read: ``(adapter_config, module path, that module's tensors by lora-lite name) ->
