@@ -82,7 +82,7 @@ Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
     ({"config": {"use_dora": True}}, "lora-lite-dora|lora_magnitude_vector"),
     ({"config": {"fan_in_fan_out": True}}, "fan_in_fan_out"),
     ({"config": {"init_lora_weights": "pissa_niter_4"}}, "path_initial_model_for_weight_conversion"),
-    ({"config": {"peft_type": "ADALORA"}}, "peft_type is .ADALORA.; the installed variants read"),
+    ({"config": {"peft_type": "PROMPT_TUNING"}}, "peft_type is .PROMPT_TUNING.; the installed variants read"),
     ({"config": {"lora_alpha": None}}, "numeric 'lora_alpha'"),
     ({"drop": [f"{Q0}.lora_B.weight"]}, "without all of"),
     ({"drop": [f"{Q0}.lora_A.weight", f"{Q0}.lora_B.weight"]}, "without tensors"),

@@ -1,6 +1,8 @@
 """Native PEFT formats beyond LoRA, both ways: IA3 (with feedforward_modules: ``ia3`` +
 ``ia3_ff``), VeRA (shared projections, saved or regenerated from the PRNG key), OFT, HRA,
-RoAd, DeLoRA. Each case builds the same adapter in lora-lite and in PEFT."""
+RoAd, DeLoRA, LoHa, LoKr (per-layer factor forms), HiRA, BOFT, MiSS (three modes),
+FourierFT, SHiRA, C3A, GraLoRA, PSOFT, VB-LoRA, RandLoRA (shared bases and PEFT's
+per-target copies), AdaLoRA. Each case builds the same adapter in lora-lite and in PEFT."""
 
 from __future__ import annotations
 
@@ -90,6 +92,21 @@ CASES = {
     "lokr-factor": ([("lokr", QVD, {"r": 8, "decompose_factor": 2})],
                     lambda: peft.LoKrConfig(r=8, alpha=16, decompose_factor=2, target_modules=list(QVD))),
     # -- end fmt1 --
+    # fmt3: vblora, randlora, adalora
+    "vblora": ([("vblora", QVD, {"r": 3, "num_vectors": 16, "vector_length": 8, "topk": 3, "subtract_init": False,
+                                 "init_logits_std": 0.2})],
+               lambda: peft.VBLoRAConfig(r=3, num_vectors=16, vector_length=8, topk=3, init_logits_std=0.2,
+                                         target_modules=list(QVD))),
+    "randlora": ([("randlora", QVD, {"r": 4, "alpha": 8.0, "projection_prng_key": 3, "save_projection": True})],
+                 lambda: peft.RandLoraConfig(r=4, randlora_alpha=8, projection_prng_key=3, save_projection=True,
+                                             target_modules=list(QVD))),
+    "randlora-sparse": ([("randlora", QVD, {"r": 8, "alpha": 16.0, "projection_prng_key": 5, "sparse": True})],
+                        lambda: peft.RandLoraConfig(r=8, randlora_alpha=16, projection_prng_key=5, sparse=True,
+                                                    save_projection=False, target_modules=list(QVD))),
+    "adalora": ([("adalora", QVD, {"r": 6, "alpha": 32.0, "target_r": 3, "total_step": 20, "tinit": 2, "tfinal": 3,
+                                   "deltaT": 2, "beta1": 0.8, "orth_reg_weight": 0.3})],
+                lambda: peft.AdaLoraConfig(init_r=6, lora_alpha=32, target_r=3, total_step=20, tinit=2, tfinal=3,
+                                           deltaT=2, beta1=0.8, orth_reg_weight=0.3, target_modules=list(QVD))),
 }
 installed = {v.name for v in ll.list_variants()}
 
@@ -150,6 +167,9 @@ def peft_trained(name, directory, seed=7):
         if name == "vera":  # saved projections are read from the file, not regenerated
             for buf in (pm.base_model.vera_A["default"], pm.base_model.vera_B["default"]):
                 buf.add_(torch.randn(buf.shape, generator=g) * 0.05)
+        if name == "randlora":  # as vera's (every layer holds the same buffers)
+            for buf in (pm.base_model.randlora_A["default"], pm.base_model.randlora_B["default"]):
+                buf.add_((torch.randn(buf.shape, generator=g) * 0.05).to(buf.dtype))
     pm.save_pretrained(str(directory))
     return pm
 
@@ -173,8 +193,10 @@ def test_native_export_matches_peft_logits(tmp_path, name):
     assert set(landed) == set(saved)
     for k, v in saved.items():
         assert torch.equal(landed[k], v), k
-    assert len(saved) == sum(len(set(a.specs[t.name]) & set(a.variant.peft.keys)) for a in atts for t in a.targets) + (
-        2 if name == "vera" else 0)
+    def written(a, t, k):  # a layer's own tensors; a shared one (and its per-target copies) only when persistent
+        return k in a.specs[t.name] and (k not in a.variant.peft.shared or a.specs[t.name][k].persistent)
+    assert len(saved) == sum(sum(written(a, t, k) for t in a.targets for k in a.variant.peft.keys)
+                             + sum(written(a, a.targets[0], k) for k in a.variant.peft.shared) for a in atts)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -196,7 +218,8 @@ def test_native_import_matches_peft_logits(tmp_path, name):
     for a in ll.attachments(model):
         fmt = a.variant.peft
         places = [(f"base_model.model.{t.name}.{suffix}", t.layer, name) for t in a.targets
-                  for name, suffix in fmt.keys.items() if name in a.specs[t.name]]
+                  for name, suffix in fmt.keys.items() if name in a.specs[t.name]
+                  and (name not in fmt.shared or f"base_model.model.{t.name}.{suffix}" in saved)]
         places += [(key, a.targets[0].layer, name) for name, key in fmt.shared.items() if key in saved]
         for key, layer, name in places:
             got = getattr(layer, name)
@@ -364,6 +387,19 @@ S = "base_model.model.model.layers.0.self_attn"
     ("lokr", {"config": {"decompose_both": True, "r": 1}}, r"lokr_w1_a', 'lokr_w1_b', 'lokr_w2_a', 'lokr_w2_b'\] here"),
     ("lokr-factor", {"config": {"decompose_factor": -1}}, r"down_proj has \['lokr_w1', 'lokr_w2_a', 'lokr_w2_b'\] in the file but \['lokr_w1', 'lokr_w2'\] here"),
     # -- end fmt1 --
+    # fmt3: vblora, randlora, adalora
+    ("vblora", {"config": {"save_only_topk_weights": True}}, "save_only_topk_weights=True: vblora reads"),
+    ("vblora", {"config": {"fan_in_fan_out": True}}, "fan_in_fan_out"),
+    ("vblora", {"drop": ["base_model.vblora_vector_bank"]}, "no 'base_model.vblora_vector_bank' in the file"),
+    ("randlora", {"drop": ["base_model.randlora_A", "base_model.randlora_B"]}, "no 'base_model.randlora_A' in the file"),
+    ("randlora", {"add": {f"{S}.q_proj.randlora_A": torch.zeros(4, 1, 32)}}, "not a copy of 'base_model.randlora_A'"),
+    ("randlora-sparse", {"config": {"very_sparse": True}}, "valid randlora config"),
+    ("randlora", {"config": {"bias": "randlora_only"}}, "bias='randlora_only'"),
+    ("adalora", {"config": {"rank_pattern": {"model.layers.0.self_attn.q_proj.lora_E": [True] * 3}}},
+     "rank_pattern of model.layers.0.self_attn.q_proj"),
+    ("adalora", {"config": {"lora_bias": True}}, "lora_bias"),
+    ("adalora", {"config": {"alpha_pattern": {"q_proj": 2}}}, "alpha_pattern"),
+    ("adalora", {"config": {"modules_to_save": ["lm_head"]}}, "modules_to_save"),
 ])
 def test_mismatching_native_adapters_fail_and_leave_the_model_alone(tmp_path, name, change, match):
     if {v for v, _, _ in CASES[name][0]} - installed:

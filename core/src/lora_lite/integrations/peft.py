@@ -16,8 +16,9 @@ another ``peft_type`` (IA3, VERA, OFT, ...) also names which config knob is whic
 adapter that is several lora-lite attachments, the config list that selects its modules
 (``subset``, IA3's ``feedforward_modules``).
 
-Anything that would change the math (another variant, ``rank_pattern``, a trained bias,
-``modules_to_save``, a base-mutating init, missing or extra tensors) raises
+Anything that would change the math (another variant, ``rank_pattern`` where no format reads
+it, a trained bias, ``modules_to_save``, a base-mutating init no variant declares reading,
+missing or extra tensors) raises
 :class:`~lora_lite.errors.PeftInteropError` before a file is written or the model touched;
 PEFT itself only warns on missing keys. ``lora_dropout`` (a training regulariser, not
 part of the adapter's function) and ``use_rslora`` are written and read by a variant whose
@@ -67,8 +68,8 @@ class PeftFormat:
         export, and on import a file whose entries equal these (absent keys read as PEFT's
         defaults) is read by this variant (``{"use_dora": True}``).
     :param convert: ``(layer, cfg, tensors by lora-lite name) -> (tensors, r, alpha)`` for a
-        variant PEFT stores differently (export only: such a format is never chosen on
-        import); ``None`` copies the tensors as they are, both ways.
+        variant PEFT stores differently (export only: such a format is chosen on import only
+        with ``importable=True``); ``None`` copies the tensors as they are, both ways.
     :param peft_type: PEFT's ``peft_type`` (``"LORA"``). A LORA format gets the LoRA config
         entries (``r``, ``lora_alpha``, ...); any other gets only ``target_modules`` and
         what the fields below declare.
@@ -77,7 +78,10 @@ class PeftFormat:
         on import (non-LORA formats).
     :param shared: lora-lite tensor name -> full PEFT key of a tensor every target shares
         (``{"lora_vera_A": "base_model.vera_A"}``): written once, from the first target,
-        and only when persistent (a non-persistent one is regenerated from the config).
+        and only when persistent (a non-persistent one is regenerated from the config). A
+        name also in ``keys`` is a shared tensor PEFT saves under every target as well
+        (RandLoRA's layers hold its shared buffers): written per target too, when persistent;
+        on import each such copy is optional and must equal the shared one.
     :param shapes: lora-lite tensor name -> PEFT's shape of it, ``-1`` for the rest
         (``{"lora_l": (-1, 1)}``).
     :param subset: the config key listing the modules this variant holds within an adapter
@@ -90,11 +94,19 @@ class PeftFormat:
         export after ``config``.
     :param knobs_of: ``adapter_config.json -> LoraLiteConfig keyword arguments`` for import:
         they override the ``r`` / ``alpha`` core derives (``use_rslora`` folded into
-        ``alpha``) and set the variant's knobs (``{"alpha": ..., "use_rslora": True}``).
+        ``alpha``) or the ``config_fields`` read, and set the variant's knobs
+        (``{"alpha": ..., "use_rslora": True}``; VB-LoRA's ``subtract_init=False``).
     :param importable: whether import may choose this format; ``None`` (default): only when
         ``convert`` is ``None``. ``True`` for a variant whose ``convert`` rewrites only some
-        configurations (an init that changed the base weight) and whose files are otherwise
-        plain tensors.
+        configurations (an init that changed the base weight), or whose ``convert`` writes
+        another form than the PEFT files it reads (PiSSA: exports a LoRA delta, reads PEFT's
+        unconverted ``init_lora_weights="pissa"`` files), the files it reads holding plain tensors.
+    :param config_from: ``attachment -> adapter_config.json entries`` read from its tensors,
+        written on export after the others (non-LORA formats; AdaLoRA's ``rank_pattern``).
+    :param read: ``(adapter_config, module path, that module's tensors by lora-lite name) ->
+        tensors to copy in``, on import before the model is touched (AdaLoRA puts the
+        triplets ``rank_pattern`` kept back into their rows and rebuilds its mask); raise
+        ``PeftInteropError`` for what cannot be read. ``None``: the file's tensors as they are.
     :param optional: names in ``keys`` a layer may lack (LoKr: each Kronecker factor is one
         matrix or a rank-r pair, by the layer's shape): export writes the mapped tensors a
         layer holds; import requires each module's tensors to be exactly the mapped ones the
@@ -114,6 +126,8 @@ class PeftFormat:
     knobs_of: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     importable: bool | None = None
     optional: tuple[str, ...] = ()
+    config_from: Callable[[Attachment], dict[str, Any]] | None = None
+    read: Callable[[dict[str, Any], str, Tensors], Tensors] | None = None
 
     @property
     def reads(self) -> bool:
@@ -122,7 +136,7 @@ class PeftFormat:
 
 
 # PEFT's LoraConfig defaults for the entries a format may use to identify itself
-_LORA_DEFAULTS = {"use_dora": False, "use_rslora": False, "fan_in_fan_out": False}
+_LORA_DEFAULTS = {"use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "init_lora_weights": True}
 
 
 def _format_of(info: Any) -> PeftFormat | None:
@@ -274,7 +288,9 @@ def _export_tensors(att: Attachment, fmt: PeftFormat, ranks: set) -> Tensors:
                 "does not hold (see the variant's docs for the settings it exports; as_lora=True exports any mergeable "
                 "one), or the variant's `peft` declaration is out of date."
             )
-        own = {k: _full_cpu(getattr(layer, k)) for k in fmt.keys if k in held}
+        # per-target copies of a shared tensor are cloned: safetensors refuses aliased tensors
+        own = {k: _full_cpu(getattr(layer, k)).clone() if k in fmt.shared else _full_cpu(getattr(layer, k))
+               for k in fmt.keys if k in held and (k not in fmt.shared or att.specs[name][k].persistent)}
         if fmt.convert is not None:
             own, r, alpha = fmt.convert(layer, att.cfg, own)
         else:
@@ -325,6 +341,8 @@ def _native_config(model: nn.Module, group: list[tuple[Attachment, PeftFormat]],
                     f"{value!r} in one {peft_type} adapter config; attach them with equal settings."
                 )
             config[key], written[key] = value, att.variant.name
+        if fmt.config_from is not None:
+            config.update(fmt.config_from(att))
     return config
 
 
@@ -488,11 +506,14 @@ def _check_peft_config(cfg: dict[str, Any], path: Path) -> None:
         raise PeftInteropError(f"{path}: bias={cfg['bias']!r} trains base biases, which lora-lite does not; "
                                "retrain with bias='none'.")
     init = cfg.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(_MUTATING_INITS):
+    declared = {f.config.get("init_lora_weights") for f in map(_format_of, list_variants()) if f is not None and f.reads}
+    if isinstance(init, str) and init.lower().startswith(_MUTATING_INITS) and init not in declared:
         raise PeftInteropError(
             f"{path}: init_lora_weights={init!r} rewrites the base weights, so the tensors alone do not define the "
             "adapter. In PEFT, save it with path_initial_model_for_weight_conversion=... (a plain LoRA delta) and "
             "import that."
+            + (f" (Installed variants read init_lora_weights={sorted(d for d in declared if isinstance(d, str))} only: "
+               "a randomized SVD such as pissa_niter_* cannot be recomputed.)" if declared - {None} else "")
         )
     for key, value in cfg.items():
         if key in _NEUTRAL or key == "bias" or not value:
@@ -587,8 +608,10 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, dtype: torch.
     # which variant holds each module: the first whose subset list names it, else the main one
     owner_of = {m: next((v for v, f in formats[1:] if _peft_listed(cfg.get(f.subset), m)), variant) for m in by_module}
     fmt_of = dict(formats)
+    # optional tensors (LoKr's factor forms) and per-target copies of shared tensors (RandLoRA) may be absent
     incomplete = [m for m, t in by_module.items()
-                  if not set(fmt_of[owner_of[m]].keys) - set(fmt_of[owner_of[m]].optional) <= set(t)]
+                  if not set(fmt_of[owner_of[m]].keys) - set(fmt_of[owner_of[m]].optional)
+                  - set(fmt_of[owner_of[m]].shared) <= set(t)]
     if not by_module or incomplete:
         raise PeftInteropError(
             f"{path}: modules without all of {sorted(fmt.keys.values())}: {incomplete[:5] or 'no tensors at all'}."
@@ -606,6 +629,10 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, dtype: torch.
     stray = sorted(set(shared) - set(owner_of.values()))
     if stray:
         raise PeftInteropError(f"{path}: shared tensors of {stray} but no module of theirs.")
+    for m in by_module:
+        f = fmt_of[owner_of[m]]
+        if f.read is not None:
+            by_module[m] = f.read(cfg, m, by_module[m])
     configs = []
     for v, f in formats:
         modules = sorted(m for m in by_module if owner_of[m] == v)
@@ -617,12 +644,10 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, dtype: torch.
         if lora:
             r = int(cfg["r"])
             knobs = {"r": r, "alpha": float(cfg["lora_alpha"]) * (math.sqrt(r) if cfg.get("use_rslora") else 1.0)}
-            if f.knobs_of is not None:
-                knobs.update(f.knobs_of(cfg))
         else:
             knobs = {knob: cfg[key] for knob, key in f.config_fields.items() if cfg.get(key) is not None}
-            if f.knobs_of is not None:
-                knobs.update(f.knobs_of(cfg))
+        if f.knobs_of is not None:
+            knobs.update(f.knobs_of(cfg))
         try:
             configs.append((v, f, modules, LoraLiteConfig(
                 variant=v, dtype=storage, exclude_names=(), target_names=tuple(f"^{re.escape(m)}$" for m in modules),
@@ -645,6 +670,18 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, dtype: torch.
             with torch.no_grad():
                 for t in att.targets:
                     for name, value in by_module[t.name].items():
+                        if name in f.shared:  # PEFT's per-target copy of a shared tensor: must be that tensor
+                            ref = shared.get(v, {}).get(name)
+                            if ref is None and att.specs[t.name][name].persistent:
+                                raise PeftInteropError(f"{path}: no {f.shared[name]!r} in the file, but the config "
+                                                       "says it is saved (it is not regenerated from the config).")
+                            if not att.specs[t.name][name].persistent or ref is None or not torch.equal(value, ref):
+                                raise PeftInteropError(
+                                    f"{path}: {t.name}.{f.keys[name]} is not a copy of {f.shared[name]!r} (PEFT saves "
+                                    "the shared tensor under every target; the copies must equal the shared one, and "
+                                    "exist only when the config saves it)."
+                                )
+                            continue
                         _copy_in(path, f"{t.name}.{name}", getattr(t.layer, name), value, f.shapes.get(name),
                                  f"r={att.cfg.r}, layer {t.d_in} -> {t.d_out}")
                 first = att.targets[0]

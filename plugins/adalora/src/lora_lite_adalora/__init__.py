@@ -34,9 +34,27 @@ checkpoint resumes the schedule exactly (PEFT keeps the EMAs in memory only).
 
 Layers: any linear-like layer, bitsandbytes 4/8-bit included: AdaLoRA never reads the base
 weight. Not implemented from PEFT: physically resizing the layers to the final rank pattern
-(PEFT does so only when loading a checkpoint; here the masked triplets stay as zeros),
-``rank_pattern`` in the config (the mask is a tensor), conv layers, DeepSpeed gradient
-gathering, and the PEFT file format (PEFT's AdaLoRA files drop the masked triplets).
+(PEFT does so only when loading a checkpoint; here the masked triplets stay as zeros), conv
+layers, DeepSpeed gradient gathering.
+
+PEFT format (``lora_lite.export_peft`` / ``import_peft``), both ways and exact: PEFT's
+``ADALORA``, ``lora_A`` / ``lora_E`` / ``lora_B`` per target; ``r`` is ``init_r``, ``alpha``
+``lora_alpha`` (PEFT's scale ``lora_alpha / (ranknum + 1e-5)``, ``ranknum = init_r`` even after
+a resize), and ``target_r``, ``tinit``, ``tfinal``, ``deltaT``, ``beta1``, ``beta2``,
+``orth_reg_weight``, ``total_step`` keep their names. After a budget allocation PEFT's file
+holds only the live triplets and the config's ``rank_pattern`` (``{"<module>.lora_E": [bool] *
+init_r}``) says which: export writes a layer that way when its mask drops triplets whose ``E``
+is zero (always so right after ``lora_lite.step``), which is the same function; a layer whose
+masked ``E`` has moved since (a ``deltaT > 1`` step between allocations) is written with all
+its triplets and no pattern, exactly what it computes. Import puts the kept triplets back in
+their rows, zeros in the dropped ones, and the pattern into ``lora_mask``. PEFT saves no
+schedule state: the EMAs and ``lora_step`` are not written and import starts them at zero.
+Export refuses ``total_step=None`` (PEFT's config requires it) and ``alpha <= 0`` (PEFT then
+uses ``init_r``); import reads ``lora_alpha <= 0`` as ``init_r``, caps ``target_r`` at
+``init_r`` (a larger one never masks, in either library), and refuses ``bias`` other than
+``"none"``, ``fan_in_fan_out``, ``lora_bias``, ``alpha_pattern``, ``modules_to_save`` and a
+``rank_pattern`` entry that does not fit the tensors. ``lora_dropout``, ``init_lora_weights``,
+``use_rslora`` (AdaLoRA ignores it) and LoRA's unused ``r`` are accepted.
 """
 
 from __future__ import annotations
@@ -142,12 +160,89 @@ def _mask_to_budget(layers, budget: int, init_bgt: int) -> None:
         layer.lora_mask.copy_(m)
 
 
+def _kept(layer) -> torch.Tensor | None:
+    """The triplets PEFT's file keeps for this layer, or None to write them all (nothing
+    masked, or a masked E no longer zero: dropping it would change the function)."""
+    mask = layer.lora_mask.detach().cpu().bool()
+    if bool(mask.all()) or bool((layer.lora_E.detach().cpu().view(-1)[~mask] != 0).any()):
+        return None
+    return mask
+
+
+def _to_peft(layer, cfg, t):
+    if cfg.total_step is None:
+        raise ll.PeftInteropError(
+            "adalora: PEFT's AdaLoraConfig requires total_step; attach (or load) with total_step=... to export."
+        )
+    if cfg.alpha <= 0:
+        raise ll.PeftInteropError(f"adalora alpha={cfg.alpha}: PEFT's AdaLoRA scales by init_r when lora_alpha <= 0.")
+    keep = _kept(layer)
+    if keep is not None:
+        t = {"lora_A": t["lora_A"][keep], "lora_E": t["lora_E"][keep], "lora_B": t["lora_B"][:, keep]}
+    return t, cfg.r, cfg.alpha
+
+
+def _peft_entries(att) -> dict:
+    pattern = {}
+    for target in att.targets:
+        keep = _kept(target.layer)
+        if keep is not None:
+            pattern[f"{target.name}.lora_E"] = keep.tolist()
+    return {"rank_pattern": pattern or None, "target_r": att.cfg.final_r}
+
+
+def _knobs(config) -> dict:
+    r = int(config["init_r"])
+    knobs = {"target_r": min(int(config["target_r"]), r)} if config.get("target_r") is not None else {}
+    if config.get("lora_alpha", 1) <= 0:
+        knobs["alpha"] = float(r)  # PEFT's scaling when lora_alpha <= 0
+    return knobs
+
+
+def _from_peft(config, module, t):
+    """The file's triplets back in their rows of ``init_r``, per ``rank_pattern``."""
+    pattern = {k.rsplit(".", 1)[0]: v for k, v in (config.get("rank_pattern") or {}).items()}
+    keep = pattern.get(module)
+    if keep is None:
+        return t
+    r = int(config["init_r"])
+    kept = int(t["lora_A"].shape[0])
+    if (not isinstance(keep, list) or len(keep) != r or not all(isinstance(k, bool) for k in keep)
+            or sum(keep) != kept or t["lora_E"].shape[0] != kept or t["lora_B"].shape[-1] != kept):
+        raise ll.PeftInteropError(
+            f"adalora: rank_pattern of {module} is not init_r={r} booleans keeping the {kept} triplets the file holds."
+        )
+    mask = torch.tensor(keep)
+    a = t["lora_A"].new_zeros(r, t["lora_A"].shape[1])
+    e = t["lora_E"].new_zeros(r, t["lora_E"].shape[1])
+    b = t["lora_B"].new_zeros(t["lora_B"].shape[0], r)
+    a[mask], e[mask], b[:, mask] = t["lora_A"], t["lora_E"], t["lora_B"]
+    return {"lora_A": a, "lora_E": e, "lora_B": b, "lora_mask": mask.float()}
+
+
 class AdaLoRA:
     name = "adalora"
     config_class = AdaLoRAConfig
     additive = True
     size_knob = "r"
     lrs = (3e-4, 1e-3, 3e-3, 1e-2)
+    # PEFT's ADALORA; rank_pattern (written by _peft_entries, read by _from_peft) drops masked triplets
+    peft = ll.PeftFormat(
+        {"lora_A": "lora_A", "lora_E": "lora_E", "lora_B": "lora_B"},
+        {"fan_in_fan_out": False, "bias": "none"},
+        convert=_to_peft,
+        peft_type="ADALORA",
+        config_fields={"r": "init_r", "alpha": "lora_alpha", **{k: k for k in (
+            "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step")}},
+        # rank_pattern is read by `read`; LoRA's r is unused by AdaLoRA, as are use_rslora and the
+        # megatron/qalora knobs (off without their switches); dropout and init do not change the function
+        neutral=("rank_pattern", "r", "lora_dropout", "init_lora_weights", "use_rslora", "megatron_core",
+                 "qalora_group_size"),
+        knobs_of=_knobs,
+        importable=True,
+        config_from=_peft_entries,
+        read=_from_peft,
+    )
 
     def param_specs(d_in, d_out, cfg):
         r = cfg.r

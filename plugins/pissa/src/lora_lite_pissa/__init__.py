@@ -29,6 +29,17 @@ init holds only up to the requantization error ``Q(W_res) - W_res`` (of the orde
 the layer's own quantization error). Each such layer records it as
 ``layer.lora_requant_error`` (max abs, relative to ``max |W_q|``) and a warning
 points there.
+
+PEFT format: ``export_peft`` writes the rank-``2r`` LoRA delta against the original base (as
+PEFT's ``path_initial_model_for_weight_conversion`` does), which plain LoRA readers load.
+``import_peft`` also reads a PEFT LoRA adapter saved with ``init_lora_weights="pissa"`` and no
+conversion (the trained ``A``, ``B`` only), onto the ORIGINAL base: ``PeftModel.from_pretrained``
+runs PiSSA's init on the base it is given (``W_res = W - s B0 A0`` from
+``torch.linalg.svd`` of the fp32 weight) and then loads ``A``, ``B``; attaching ``pissa`` with
+``svd="full"`` runs the same SVD on the same weight, so ``W_res`` is PEFT's to float rounding
+(the rank-r part is unique wherever ``sigma_r > sigma_(r+1)``), and the file's ``A``, ``B``
+are copied in. ``pissa_niter_*`` (PEFT's randomized SVD, drawn from the global RNG at load) is
+refused: its ``W_res`` cannot be recomputed.
 """
 
 from __future__ import annotations
@@ -78,7 +89,11 @@ def _as_lora_delta(layer, cfg, t):
 class PiSSA:
     name = "pissa"
     config_class = PiSSAConfig
-    peft = ll.PeftFormat({"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}, convert=_as_lora_delta)
+    # export: the delta against the original base (config_of: a plain LoRA); import: PEFT's
+    # unconverted init_lora_weights="pissa" files, W_res recomputed by this variant's init
+    peft = ll.PeftFormat({"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"},
+                         {"use_dora": False, "init_lora_weights": "pissa"}, convert=_as_lora_delta,
+                         config_of=lambda cfg: {"init_lora_weights": True}, importable=True)
 
     def param_specs(d_in, d_out, cfg):
         if cfg.r > min(d_in, d_out):

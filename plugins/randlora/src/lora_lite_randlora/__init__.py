@@ -49,6 +49,20 @@ layer, ``n = ceil(m / r)``), so this variant declares no size knob for budget ma
 Layers: any linear-like layer, quantized ones included: RandLoRA never reads the base weight
 (``merge`` adds to the dense weight core hands it).
 
+PEFT format (``lora_lite.export_peft`` / ``import_peft``), both ways and exact: PEFT's
+``RANDLORA``, ``randlora_lambda`` / ``randlora_gamma`` per target (the same shapes); ``r``,
+``alpha`` (PEFT's ``randlora_alpha``), ``projection_prng_key``, ``save_projection``, ``sparse``,
+``very_sparse`` under PEFT's names. With ``save_projection=True`` the shared bases are written as
+PEFT writes them: once as ``base_model.randlora_A`` / ``randlora_B`` and, because PEFT's layers
+hold the shared buffers, again under every target (``<module>.randlora_A``); import copies the
+file's pair in (so bases PEFT drew or changed are used as they are) and refuses per-target
+copies that differ from it. Without it neither file holds them: both libraries draw them from
+the key. ``randlora_dropout`` and ``init_weights`` are accepted and not modelled; ``bias``,
+``fan_in_fan_out`` and ``modules_to_save`` are refused. One difference stays: PEFT draws the
+dense bases in fp16 on a machine ``accelerate`` reports without bf16 support (we always draw in
+bf16), so a ``save_projection=False`` adapter from such a machine has other bases: save with
+``save_projection=True`` there.
+
 Not implemented: ``randlora_dropout`` (dropout on the adapter's input), ``bias`` training and
 ``fan_in_fan_out`` (core's layer kinds give every layer as ``(d_out, d_in)``).
 """
@@ -130,6 +144,17 @@ class RandLoRA:
     additive = True  # y + delta(x)
     size_knob = None  # trainable count falls as r grows (n (r + m), n = ceil(m / r)): no monotone size knob
     lrs = (1e-4, 3e-4, 1e-3, 3e-3)
+    # PEFT's RANDLORA: the shared bases once at model level and (PEFT's layers hold them) per target
+    peft = ll.PeftFormat(
+        {"lora_lambda": "randlora_lambda", "lora_gamma": "randlora_gamma",
+         "lora_randlora_A": "randlora_A", "lora_randlora_B": "randlora_B"},
+        {"fan_in_fan_out": False, "bias": "none"},
+        peft_type="RANDLORA",
+        config_fields={"r": "r", "alpha": "randlora_alpha", "projection_prng_key": "projection_prng_key",
+                       "save_projection": "save_projection", "sparse": "sparse", "very_sparse": "very_sparse"},
+        shared={"lora_randlora_A": "base_model.randlora_A", "lora_randlora_B": "base_model.randlora_B"},
+        neutral=("randlora_dropout", "init_weights"),
+    )
 
     def param_specs(d_in, d_out, cfg):
         m = min(d_in, d_out)

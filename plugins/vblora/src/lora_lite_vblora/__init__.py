@@ -51,6 +51,17 @@ computed in fp32 and cast to the activation dtype.
 
 Layers: any linear-like layer, quantized ones included: the base weight is never read.
 
+PEFT format (``lora_lite.export_peft`` / ``import_peft``): PEFT's ``VBLORA``, ``vblora_logits_A`` /
+``vblora_logits_B`` per target (the same shapes) and the bank once, as ``base_model.vblora_vector_bank``;
+``r``, ``num_vectors``, ``vector_length``, ``topk``, ``init_vector_bank_bound``, ``init_logits_std``
+under PEFT's names. PEFT's function is ``subtract_init=False``: only such an attachment exports
+(``subtract_init=True``, the default, is PEFT's VB-LoRA on ``W - B0 A0``, a base PEFT does not have:
+``export_peft(..., as_lora=True)`` writes it as a plain LoRA), and import attaches with
+``subtract_init=False``. Export also refuses a layer whose width ``vector_length`` does not divide
+(PEFT refuses such layers). Import refuses ``save_only_topk_weights`` (other tensors), a ``bias``
+other than ``"none"``, ``fan_in_fan_out`` and ``modules_to_save``; ``vblora_dropout`` is accepted
+and not modelled. ``init_seed`` is not PEFT's (it only draws the init).
+
 Not implemented: ``vblora_dropout``, ``bias`` training, ``fan_in_fan_out`` (core's layer kinds
 give ``(d_out, d_in)``), and ``save_only_topk_weights`` (PEFT's inference-only checkpoint of top-k
 indices and weights: the full logits are what training needs, and a load of it cannot resume).
@@ -114,11 +125,44 @@ def factors(layer, d_out: int, d_in: int) -> tuple[torch.Tensor, torch.Tensor]:
     return a[:, :d_in], b[:d_out]
 
 
+def _to_peft(layer, cfg, tensors):
+    """Export: the tensors as they are, for PEFT's function only (``subtract_init=False``) and
+    widths ``vector_length`` divides."""
+    if cfg.subtract_init:
+        raise ll.PeftInteropError(
+            "vblora with subtract_init=True (the default) is PEFT's VB-LoRA on the base W - B0 A0, which PEFT's "
+            "format cannot express. Export it with lora_lite.export_peft(model, dir, as_lora=True) (a plain LoRA of "
+            "its weight deltas), or train with subtract_init=False (PEFT's own function)."
+        )
+    kind = ll.layer_kind(layer)
+    d_in, d_out = kind.features(layer) if kind is not None else (None, None)
+    ln = cfg.vector_length
+    if d_in is None or d_in % ln or d_out % ln:
+        raise ll.PeftInteropError(
+            f"vblora: PEFT's VB-LoRA needs vector_length={ln} to divide both widths of every target, and a target is "
+            f"{d_in} -> {d_out}; export it with as_lora=True, or attach with a vector_length that divides them."
+        )
+    return tensors, cfg.r, cfg.alpha
+
+
 class VBLoRA:
     name = "vblora"
     config_class = VBLoRAConfig
     additive = True  # y + delta(x)
     lrs = (1e-3, 3e-3, 1e-2, 3e-2)  # a shared bank of tiny vectors and mixing logits: PEFT's examples train at ~1e-2
+    # PEFT's VBLORA: logits per target, the bank once; PEFT's function is subtract_init=False
+    peft = ll.PeftFormat(
+        {"lora_logits_A": "vblora_logits_A", "lora_logits_B": "vblora_logits_B"},
+        {"fan_in_fan_out": False, "bias": "none", "save_only_topk_weights": False},
+        convert=_to_peft,
+        peft_type="VBLORA",
+        config_fields={knob: knob for knob in ("r", "num_vectors", "vector_length", "topk", "init_vector_bank_bound",
+                                               "init_logits_std")},
+        shared={"lora_vector_bank": "base_model.vblora_vector_bank"},
+        neutral=("vblora_dropout",),
+        knobs_of=lambda config: {"subtract_init": False},
+        importable=True,
+    )
 
     def param_specs(d_in, d_out, cfg):
         n, ln = cfg.num_vectors, cfg.vector_length
