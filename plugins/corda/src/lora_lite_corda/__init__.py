@@ -33,8 +33,14 @@ their mode), forward hooks on the targets accumulate ``X^T X`` in float32 as PEF
 Layers: every linear-like kind whose weight ``lora_lite.dense_weight`` reads (``nn.Linear``,
 transformers ``Conv1D``, bitsandbytes 4/8-bit dequantized for the SVD); the weight is never
 written. Not implemented from PEFT: per-layer ``rank_pattern``, the covariance/cache files,
-``use_float16_for_covariance``, ``hooked_model``, and export to PEFT's format (PEFT keeps
-``W_res`` in the base model).
+``use_float16_for_covariance``, ``hooked_model``.
+
+PEFT format: PEFT keeps ``W_res`` in the base model, so ``export_peft`` writes the rank-``2r``
+LoRA delta against the original base, ``A' = [A; A0]``, ``B' = [B, -B0]``, ``alpha' = 2 alpha``,
+``init_lora_weights: true`` (what PEFT's ``path_initial_model_for_weight_conversion`` writes;
+exact: the saved factors concatenated). That file, and PEFT's own converted one, import as plain
+``lora``. PEFT's unconverted files (``init_lora_weights: "corda"``) are refused on import: their
+``W_res`` depends on calibration covariances the file does not hold.
 """
 
 from __future__ import annotations

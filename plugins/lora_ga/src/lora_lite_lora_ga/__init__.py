@@ -41,8 +41,14 @@ mean squared error; a bare tensor output gives ``mean(out^2)``, a stand-in objec
 
 Layers: every linear-like kind (``nn.Linear``, transformers ``Conv1D``, bitsandbytes 4/8-bit):
 the base weight is read only by ``scale="weight_svd"`` (through ``lora_lite.dense_weight``)
-and never written. Not implemented from PEFT: the gradient cache file and export to PEFT's
-format (PEFT stores ``W_res`` in the base model).
+and never written. Not implemented from PEFT: the gradient cache file.
+
+PEFT format: PEFT stores ``W_res`` in the base model, so ``export_peft`` writes the rank-``2r``
+LoRA delta against the original base, ``A' = [A; A0]``, ``B' = [B, -B0]``, ``alpha' = 2 alpha``,
+``init_lora_weights: true`` (what PEFT's ``path_initial_model_for_weight_conversion`` writes;
+exact: the saved factors concatenated). That file, and PEFT's own converted one, import as plain
+``lora``. PEFT's unconverted files (``init_lora_weights: "lora_ga"``) are refused on import:
+their ``W_res`` depends on a calibration gradient the file does not hold.
 """
 
 from __future__ import annotations
