@@ -511,14 +511,17 @@ def _check_peft_config(cfg: dict[str, Any], path: Path, neutral: tuple[str, ...]
                                "retrain with bias='none'.")
     init = cfg.get("init_lora_weights", True)
     declared = {f.config.get("init_lora_weights") for f in map(_format_of, list_variants()) if f is not None and f.reads}
+    mutating = sorted(d for d in declared if isinstance(d, str) and d.lower().startswith(_MUTATING_INITS))
     if isinstance(init, str) and init.lower().startswith(_MUTATING_INITS) and init not in declared:
+        data = init.lower() in ("corda", "lora_ga")  # W_res from calibration data (covariances, a gradient)
         raise PeftInteropError(
-            f"{path}: init_lora_weights={init!r} rewrites the base weights (W - s B0 A0; corda's and lora_ga's B0, A0 "
-            "come from calibration data the file does not hold), so the tensors alone do not define the adapter. In "
-            "PEFT, save it with path_initial_model_for_weight_conversion=... (a plain LoRA delta against the original "
-            "weights) and import that."
-            + (f" (Installed variants read init_lora_weights={sorted(d for d in declared if isinstance(d, str))} only: "
-               "a randomized SVD such as pissa_niter_* cannot be recomputed.)" if declared - {None} else "")
+            f"{path}: init_lora_weights={init!r} rewrites the base weights"
+            + (" from calibration data the file does not hold" if data else "")
+            + ", so the tensors alone do not define the adapter. In PEFT, save it with "
+            "path_initial_model_for_weight_conversion=... (a plain LoRA delta against the original weights) and "
+            "import that."
+            + (f" (Installed variants read init_lora_weights={mutating} only: a randomized SVD such as "
+               "pissa_niter_* cannot be recomputed.)" if mutating and not data else "")
         )
     for key, value in cfg.items():
         if key in _NEUTRAL or key in neutral or key == "bias" or not value:
