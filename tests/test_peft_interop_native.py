@@ -107,8 +107,14 @@ CASES = {
                                    "deltaT": 2, "beta1": 0.8, "orth_reg_weight": 0.3})],
                 lambda: peft.AdaLoraConfig(init_r=6, lora_alpha=32, target_r=3, total_step=20, tinit=2, tfinal=3,
                                            deltaT=2, beta1=0.8, orth_reg_weight=0.3, target_modules=list(QVD))),
+    # fmt4: eva (a LoRA init in PEFT: init_lora_weights="eva", after initialize_lora_eva_weights)
+    "eva": ([("eva", QVD, {"r": 4, "alpha": 6.0, "label_mask_value": -7})],
+            lambda: peft.LoraConfig(r=4, lora_alpha=6, init_lora_weights="eva", target_modules=list(QVD),
+                                    eva_config=peft.EvaConfig(rho=1.0, label_mask_value=-7))),
 }
 installed = {v.name for v in ll.list_variants()}
+# fmt4: variants calibrated at attach, with the batches both libraries calibrate on
+CALIBRATION = {"eva": lambda: [token_batch(batch=4, seq=16)]}
 
 
 class _BlockDiagExtension:
@@ -145,7 +151,8 @@ def logits(model, batch):
 def lite_trained(name, seed=5):
     """The case's lora-lite attachments, every trainable tensor perturbed as training would."""
     model = tiny_qwen3()
-    atts = [ll.attach(model, ll.LoraLiteConfig(variant=v, target_names=tuple(rf"\.{t}$" for t in targets), **knobs))
+    atts = [ll.attach(model, ll.LoraLiteConfig(variant=v, target_names=tuple(rf"\.{t}$" for t in targets), **knobs),
+                      CALIBRATION[v]() if v in CALIBRATION else None)
             for v, targets, knobs in CASES[name][0]]
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -159,6 +166,10 @@ def peft_trained(name, directory, seed=7):
     """The case's PEFT adapter with every trainable tensor (and VeRA's saved projections)
     perturbed, saved by PEFT."""
     pm = peft.get_peft_model(tiny_qwen3(), CASES[name][1]()).eval()
+    if name == "eva":  # PEFT's calibration: A from the components, B zero, then trained as any LoRA
+        from peft.tuners.lora.eva import initialize_lora_eva_weights
+
+        initialize_lora_eva_weights(pm, dataloader=CALIBRATION["eva"](), show_progress_bar=False)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, p in pm.named_parameters():
@@ -400,6 +411,14 @@ S = "base_model.model.model.layers.0.self_attn"
     ("adalora", {"config": {"lora_bias": True}}, "lora_bias"),
     ("adalora", {"config": {"alpha_pattern": {"q_proj": 2}}}, "alpha_pattern"),
     ("adalora", {"config": {"modules_to_save": ["lm_head"]}}, "modules_to_save"),
+    # fmt4: eva (rank_pattern is read: padded to one r when the scale is one; unconverted corda,
+    # lora_ga files: plugins/corda, plugins/lora_ga tests)
+    ("eva", {"config": {"rank_pattern": {"model.layers.0.self_attn.q_proj": 2}}},
+     r"q_proj: lora_A has rank 4 and lora_B 4 in the file, but r / rank_pattern give 2"),
+    ("eva", {"config": {"alpha_pattern": {"model.layers.0.self_attn.q_proj": 3}}}, "scales by 0.75"),
+    ("eva", {"config": {"use_dora": True}}, "lora-lite-dora|lora_magnitude_vector"),  # read as dora
+    ("eva", {"config": {"lora_bias": True}}, "lora_bias"),
+    ("eva", {"config": {"modules_to_save": ["lm_head"]}}, "modules_to_save"),
 ])
 def test_mismatching_native_adapters_fail_and_leave_the_model_alone(tmp_path, name, change, match):
     if {v for v, _, _ in CASES[name][0]} - installed:

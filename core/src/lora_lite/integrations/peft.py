@@ -47,7 +47,7 @@ from ..checkpoint import _full_cpu, _is_sharded, _write_once, save
 from ..config import LoraLiteConfig
 from ..errors import ConfigError, NotAttachedError, PeftInteropError
 from ..plugins import list_variants
-from ..runtime import Attachment, attach, attachments
+from ..runtime import Attachment, attach_for_load, attachments
 from ..targeting import block_index, linear_like_modules
 from ..weights import dense_weight, original_weight
 
@@ -88,7 +88,8 @@ class PeftFormat:
         another variant's format reads (IA3's ``feedforward_modules``): such attachments
         export together into one adapter, and import splits it.
     :param neutral: config keys the import accepts whatever their value (dropout, init
-        flags: they do not change the function the tensors compute).
+        flags: they do not change the function the tensors compute), or that the format's
+        ``knobs_of`` / ``read`` interpret and check (EVA's ``rank_pattern``: padded to one r).
     :param config_of: ``cfg -> adapter_config.json entries`` that depend on the variant's
         knobs (``{"use_rslora": cfg.use_rslora, "lora_dropout": cfg.dropout}``), written on
         export after ``config``.
@@ -434,6 +435,9 @@ _NEUTRAL = {
     "layers_pattern", "lora_dropout", "init_lora_weights", "runtime_config", "ephemeral_gpu_offload",
     # knobs of options that are off unless their switch (megatron_config, use_qalora) is set
     "megatron_core", "qalora_group_size",
+    # knobs of data-driven inits, which PEFT ignores unless init_lora_weights names them; when it
+    # does, the tensors hold what the init chose (eva), or the base-mutating check below refuses
+    "eva_config", "corda_config", "lora_ga_config",
 }
 # PEFT's init_lora_weights values (its vocabulary) that rewrite the base weights
 _MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
@@ -496,7 +500,7 @@ def _check_native_config(cfg: dict[str, Any], path: Path, formats: list[tuple[st
         )
 
 
-def _check_peft_config(cfg: dict[str, Any], path: Path) -> None:
+def _check_peft_config(cfg: dict[str, Any], path: Path, neutral: tuple[str, ...] = ()) -> None:
     if cfg.get("peft_type") != "LORA":
         raise PeftInteropError(f"{path}: peft_type is {cfg.get('peft_type')!r}; lora-lite imports PEFT LoRA adapters only.")
     for key in ("r", "lora_alpha"):
@@ -507,16 +511,20 @@ def _check_peft_config(cfg: dict[str, Any], path: Path) -> None:
                                "retrain with bias='none'.")
     init = cfg.get("init_lora_weights", True)
     declared = {f.config.get("init_lora_weights") for f in map(_format_of, list_variants()) if f is not None and f.reads}
+    mutating = sorted(d for d in declared if isinstance(d, str) and d.lower().startswith(_MUTATING_INITS))
     if isinstance(init, str) and init.lower().startswith(_MUTATING_INITS) and init not in declared:
+        data = init.lower() in ("corda", "lora_ga")  # W_res from calibration data (covariances, a gradient)
         raise PeftInteropError(
-            f"{path}: init_lora_weights={init!r} rewrites the base weights, so the tensors alone do not define the "
-            "adapter. In PEFT, save it with path_initial_model_for_weight_conversion=... (a plain LoRA delta) and "
+            f"{path}: init_lora_weights={init!r} rewrites the base weights"
+            + (" from calibration data the file does not hold" if data else "")
+            + ", so the tensors alone do not define the adapter. In PEFT, save it with "
+            "path_initial_model_for_weight_conversion=... (a plain LoRA delta against the original weights) and "
             "import that."
-            + (f" (Installed variants read init_lora_weights={sorted(d for d in declared if isinstance(d, str))} only: "
-               "a randomized SVD such as pissa_niter_* cannot be recomputed.)" if declared - {None} else "")
+            + (f" (Installed variants read init_lora_weights={mutating} only: a randomized SVD such as "
+               "pissa_niter_* cannot be recomputed.)" if mutating and not data else "")
         )
     for key, value in cfg.items():
-        if key in _NEUTRAL or key == "bias" or not value:
+        if key in _NEUTRAL or key in neutral or key == "bias" or not value:
             continue
         raise PeftInteropError(
             f"{path}: {key}={value!r} is not supported by the import (it changes the adapter beyond plain LoRA, "
@@ -569,7 +577,9 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, dtype: torch.
     ``IA3`` by ``ia3``, ``VERA`` by ``vera``, ...).
 
     Every tensor in the file must land on a target and every target must get its tensors;
-    otherwise :class:`PeftInteropError` and the model is left as it was. ``dtype``: adapter
+    otherwise :class:`PeftInteropError` and the model is left as it was. A data-calibrated
+    variant (EVA) is attached without calibration, as ``load`` does: the file holds what
+    its calibration chose. ``dtype``: adapter
     storage dtype (default: the file's). ``use_rslora`` is folded into ``alpha``
     (``alpha * sqrt(r)``) so the scaling is the same, unless the format's ``knobs_of``
     reads it (and ``lora_dropout``) into the variant's own knobs. An adapter whose format
@@ -580,9 +590,14 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, dtype: torch.
     path = Path(directory)
     cfg, tensors = _read_peft_dir(path)
     lora = cfg.get("peft_type") == "LORA"
+    formats = None
     if lora:
-        _check_peft_config(cfg, path)
-    formats = _importer(cfg, path)
+        try:  # the reading format's `neutral` keys (EVA's rank_pattern); its refusal is raised below
+            formats = _importer(cfg, path)
+        except PeftInteropError:
+            pass
+        _check_peft_config(cfg, path, formats[0][1].neutral if formats else ())
+    formats = formats or _importer(cfg, path)
     if not lora:
         _check_native_config(cfg, path, formats)
     variant, fmt = formats[0]
@@ -657,7 +672,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, dtype: torch.
     attached: list[Attachment] = []
     try:
         for v, f, modules, config in configs:
-            att = attach(model, config)
+            att = attach_for_load(model, config)  # no calibration: the file holds what it chose (EVA's A)
             attached.append(att)
             if f.optional:  # the tensors this layer holds, by its shape
                 for t in att.targets:

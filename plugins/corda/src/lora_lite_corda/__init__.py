@@ -33,8 +33,14 @@ their mode), forward hooks on the targets accumulate ``X^T X`` in float32 as PEF
 Layers: every linear-like kind whose weight ``lora_lite.dense_weight`` reads (``nn.Linear``,
 transformers ``Conv1D``, bitsandbytes 4/8-bit dequantized for the SVD); the weight is never
 written. Not implemented from PEFT: per-layer ``rank_pattern``, the covariance/cache files,
-``use_float16_for_covariance``, ``hooked_model``, and export to PEFT's format (PEFT keeps
-``W_res`` in the base model).
+``use_float16_for_covariance``, ``hooked_model``.
+
+PEFT format: PEFT keeps ``W_res`` in the base model, so ``export_peft`` writes the rank-``2r``
+LoRA delta against the original base, ``A' = [A; A0]``, ``B' = [B, -B0]``, ``alpha' = 2 alpha``,
+``init_lora_weights: true`` (what PEFT's ``path_initial_model_for_weight_conversion`` writes;
+exact: the saved factors concatenated). That file, and PEFT's own converted one, import as plain
+``lora``. PEFT's unconverted files (``init_lora_weights: "corda"``) are refused on import: their
+``W_res`` depends on calibration covariances the file does not hold.
 """
 
 from __future__ import annotations
@@ -98,10 +104,30 @@ def _decompose(w: torch.Tensor, cov: torch.Tensor):
     return u, s, (vh @ inv).T
 
 
+def _cpu(w: torch.Tensor) -> torch.Tensor:
+    """The full tensor on CPU, as export holds A and B (a sharded DTensor is gathered: every rank calls it)."""
+    w = w.full_tensor() if callable(getattr(w, "full_tensor", None)) else w
+    return w.detach().cpu()
+
+
+def _as_lora_delta(layer, cfg, t):
+    """PEFT export: the rank-2r LoRA of this adapter's delta against the original (never
+    rewritten) weight, as PEFT's path_initial_model_for_weight_conversion writes it:
+    s (B A - B0 A0) = s [B, -B0] [A; A0], so A' = [A; A0], B' = [B, -B0], alpha' = 2 alpha
+    (the same scale). Exact: the saved factors, concatenated."""
+    a0, b0 = _cpu(layer.lora_A0).to(t["lora_A"].dtype), _cpu(layer.lora_B0).to(t["lora_B"].dtype)
+    return {"lora_A": torch.cat([t["lora_A"], a0]), "lora_B": torch.cat([t["lora_B"], -b0], dim=1)}, 2 * cfg.r, 2 * cfg.alpha
+
+
 class CorDA:
     name = "corda"
     config_class = CorDAConfig
     additive = True  # y + delta(x): rows of a batch may use different attachments
+    # export: the delta against the original base (a plain LoRA of rank 2r); PEFT's unconverted
+    # init_lora_weights="corda" files are refused on import (their W_res depends on calibration data)
+    peft = ll.PeftFormat({"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"},
+                         {"use_dora": False, "init_lora_weights": "corda"}, convert=_as_lora_delta,
+                         config_of=lambda cfg: {"init_lora_weights": True})
     size_knob = "r"
     lrs = (3e-5, 1e-4, 3e-4, 1e-3)  # the factors carry sqrt of W's top singular values (as PiSSA): small steps
 

@@ -22,10 +22,34 @@ Identity at init: ``B = 0``, so ``B A x = 0`` and ``y' = y`` exactly.
 
 Layers: any linear-like layer (EVA never reads the base weight, so quantized layers
 work); the targets' inputs must be ``(batch, seq, d_in)`` when padding is masked.
+
+PEFT format: EVA never rewrites the base weight, so an initialised EVA adapter is a plain
+LoRA (``s B A x``, ``s = alpha / r``) and both directions copy ``lora_A``, ``lora_B`` as
+they are. ``export_peft`` writes what PEFT saves after ``initialize_lora_eva_weights``:
+``init_lora_weights: "eva"`` and ``eva_config`` with ``rho: 1.0`` (lora-lite's EVA keeps
+the same ``r`` on every target, so ``rank_pattern`` and ``alpha_pattern`` stay empty),
+``label_mask_value`` from the knob, PEFT's defaults otherwise (``use_label_mask: true``,
+``whiten: false``; ``tau`` and ``adjust_scaling_factors`` do not apply to an exact
+eigendecomposition without redistribution). ``PeftModel.from_pretrained`` zeroes ``B``
+and loads the file. ``import_peft`` reads a PEFT LoRA file with ``init_lora_weights:
+"eva"`` (saved after ``initialize_lora_eva_weights``, trained or not) without calibration
+data: the file holds the components. ``eva_config`` only parametrises the calibration
+(``label_mask_value`` is read into the knob; ``use_label_mask``, ``whiten``, ``tau`` are
+not modelled and would matter only to a new calibration). PEFT's rank redistribution
+(``rho > 1``) writes per-module ranks ``k`` in ``rank_pattern`` and, with
+``adjust_scaling_factors`` (PEFT's default), ``alpha_k = alpha k / r`` in ``alpha_pattern``:
+the scale ``alpha_k / k`` is then one number, and each module is imported zero-padded to
+the largest rank ``R`` (``A`` gets zero rows, ``B`` zero columns; ``B A`` is unchanged and
+the padding gets zero gradients, so it stays zero in training), with ``r = R`` and
+``alpha = s R``. Refused: an ``alpha_pattern`` that gives modules different scales
+(``adjust_scaling_factors: false`` with redistributed ranks) and any other option plain
+LoRA import refuses.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -125,10 +149,66 @@ def principal_components(model, targets, cfg, calibration_data) -> dict[str, tor
     return out
 
 
+def _peft_entries(cfg) -> dict:
+    # what PEFT writes after initialize_lora_eva_weights with rho=1 (no redistribution)
+    return {"init_lora_weights": "eva", "rank_pattern": {}, "alpha_pattern": {},
+            "eva_config": {"rho": 1.0, "tau": 0.99, "use_label_mask": True, "label_mask_value": cfg.label_mask_value,
+                           "whiten": False, "adjust_scaling_factors": True}}
+
+
+def _pattern(patterns: dict, module: str, default):
+    """PEFT's get_pattern_key: the first key that is a dotted suffix (regex) of the module path."""
+    key = next((k for k in patterns if re.match(rf"(.*\.)?({k})$", module)), None)
+    return default if key is None else patterns[key]
+
+
+def _scale(peft_cfg: dict, r, alpha) -> float:
+    return alpha / (math.sqrt(r) if peft_cfg.get("use_rslora") else r)
+
+
+def _padded_rank(peft_cfg: dict) -> int:
+    """One rank for every module: the largest of r and rank_pattern's (EVA's redistribution)."""
+    ranks = [int(peft_cfg["r"]), *(int(v) for v in (peft_cfg.get("rank_pattern") or {}).values())]
+    return max(ranks)
+
+
+def _knobs(peft_cfg: dict) -> dict:
+    knobs = {"label_mask_value": int((peft_cfg.get("eva_config") or {}).get("label_mask_value", -100))}
+    if peft_cfg.get("rank_pattern") or peft_cfg.get("alpha_pattern"):  # one scale (checked per module in _read)
+        big = _padded_rank(peft_cfg)
+        knobs.update(r=big, alpha=_scale(peft_cfg, peft_cfg["r"], peft_cfg["lora_alpha"]) * big)
+    return knobs
+
+
+def _read(peft_cfg: dict, module: str, t: dict) -> dict:
+    """A module of rank k <= R, its scale checked equal to the adapter's, zero-padded to rank R."""
+    k, big = t["lora_A"].shape[0], _padded_rank(peft_cfg)
+    want = int(_pattern(peft_cfg.get("rank_pattern") or {}, module, peft_cfg["r"]))
+    if k != want or t["lora_B"].shape[1] != k:
+        raise ll.PeftInteropError(f"{module}: lora_A has rank {k} and lora_B {t['lora_B'].shape[1]} in the file, "
+                                  f"but r / rank_pattern give {want} (PEFT would not load it either).")
+    alpha = _pattern(peft_cfg.get("alpha_pattern") or {}, module, peft_cfg["lora_alpha"])
+    s, s_k = _scale(peft_cfg, peft_cfg["r"], peft_cfg["lora_alpha"]), _scale(peft_cfg, k, alpha)
+    if not math.isclose(s_k, s, rel_tol=1e-12):
+        raise ll.PeftInteropError(
+            f"{module}: rank {k} with lora_alpha {alpha} scales by {s_k:g}, the adapter's r / lora_alpha by {s:g}; "
+            "lora-lite's eva has one scale (PEFT's EVA keeps it with adjust_scaling_factors=True, its default)."
+        )
+    if k == big:
+        return t
+    a, b = t["lora_A"], t["lora_B"]
+    return {"lora_A": torch.cat([a, a.new_zeros(big - k, a.shape[1])]),
+            "lora_B": torch.cat([b, b.new_zeros(b.shape[0], big - k)], dim=1)}
+
+
 class EVA:
     name = "eva"
     config_class = EVAConfig
     additive = True  # y + delta(x): rows of a batch may use different attachments
+    # a plain LoRA once initialised: the tensors as they are, with PEFT's EVA config entries
+    peft = ll.PeftFormat({"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"},
+                         {"use_dora": False, "init_lora_weights": "eva"}, config_of=_peft_entries, knobs_of=_knobs,
+                         read=_read, neutral=("rank_pattern", "alpha_pattern"))
 
     def param_specs(d_in, d_out, cfg):
         if cfg.r > d_in:
