@@ -53,8 +53,8 @@ replaces the base weight by its NF4/int quantization, which needs PEFT's quantiz
 bitsandbytes and a quantized base layout lora-lite does not write; quantize the model
 first and attach plain LoRA, or use PEFT's ``replace_lora_weights_loftq``), ``False``
 (random B: not an identity at init), and the data-driven or base-rewriting inits that
-have their own plugins (``"pissa"``: plugins/pissa, ``"eva"``: plugins/eva) or none yet
-(``"corda"``, ``"lora_ga"``, ``"orthogonal"``, ``"mica"``).
+have their own plugins (``"pissa"``, ``"eva"``, ``"corda"``, ``"lora_ga"``: plugins/<name>) or
+none yet (``"orthogonal"``, ``"mica"``).
 """
 
 from __future__ import annotations
