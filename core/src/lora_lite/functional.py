@@ -65,3 +65,17 @@ def offset_low_rank_merge(
     """``W + scale (B A - B0 A0)`` in float32: the merged weight of :func:`offset_low_rank_update`."""
     w = torch.addmm(weight, b.float(), a.float(), alpha=scale)
     return torch.addmm(w, b0.float(), a0.float(), alpha=-scale)
+
+
+def offset_low_rank_as_lora(layer, cfg, tensors: dict) -> tuple[dict, int, float]:
+    """A ``PeftFormat`` ``convert`` for :func:`offset_low_rank_update` variants (CorDA,
+    LoRA-GA): the rank-``2r`` PEFT LoRA of the adapter's delta against the original (never
+    rewritten) weight, as PEFT's ``path_initial_model_for_weight_conversion`` writes it:
+    ``s (B A - B0 A0) = s [B, -B0] [A; A0]``, so ``A' = [A; A0]``, ``B' = [B, -B0]``,
+    ``alpha' = 2 alpha`` (the same scale). Exact: the saved factors, concatenated."""
+    from .checkpoint import _full_cpu
+
+    a0 = _full_cpu(layer.lora_A0).to(tensors["lora_A"].dtype)
+    b0 = _full_cpu(layer.lora_B0).to(tensors["lora_B"].dtype)
+    return ({"lora_A": torch.cat([tensors["lora_A"], a0]), "lora_B": torch.cat([tensors["lora_B"], -b0], dim=1)},
+            2 * cfg.r, 2 * cfg.alpha)

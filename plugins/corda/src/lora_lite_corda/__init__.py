@@ -51,7 +51,12 @@ from typing import Literal
 import torch
 
 import lora_lite as ll
-from lora_lite.functional import offset_low_rank_merge, offset_low_rank_specs, offset_low_rank_update
+from lora_lite.functional import (
+    offset_low_rank_as_lora,
+    offset_low_rank_merge,
+    offset_low_rank_specs,
+    offset_low_rank_update,
+)
 
 
 @dataclass
@@ -104,21 +109,6 @@ def _decompose(w: torch.Tensor, cov: torch.Tensor):
     return u, s, (vh @ inv).T
 
 
-def _cpu(w: torch.Tensor) -> torch.Tensor:
-    """The full tensor on CPU, as export holds A and B (a sharded DTensor is gathered: every rank calls it)."""
-    w = w.full_tensor() if callable(getattr(w, "full_tensor", None)) else w
-    return w.detach().cpu()
-
-
-def _as_lora_delta(layer, cfg, t):
-    """PEFT export: the rank-2r LoRA of this adapter's delta against the original (never
-    rewritten) weight, as PEFT's path_initial_model_for_weight_conversion writes it:
-    s (B A - B0 A0) = s [B, -B0] [A; A0], so A' = [A; A0], B' = [B, -B0], alpha' = 2 alpha
-    (the same scale). Exact: the saved factors, concatenated."""
-    a0, b0 = _cpu(layer.lora_A0).to(t["lora_A"].dtype), _cpu(layer.lora_B0).to(t["lora_B"].dtype)
-    return {"lora_A": torch.cat([t["lora_A"], a0]), "lora_B": torch.cat([t["lora_B"], -b0], dim=1)}, 2 * cfg.r, 2 * cfg.alpha
-
-
 class CorDA:
     name = "corda"
     config_class = CorDAConfig
@@ -126,7 +116,7 @@ class CorDA:
     # export: the delta against the original base (a plain LoRA of rank 2r); PEFT's unconverted
     # init_lora_weights="corda" files are refused on import (their W_res depends on calibration data)
     peft = ll.PeftFormat({"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"},
-                         {"use_dora": False, "init_lora_weights": "corda"}, convert=_as_lora_delta,
+                         {"use_dora": False, "init_lora_weights": "corda"}, convert=offset_low_rank_as_lora,
                          config_of=lambda cfg: {"init_lora_weights": True})
     size_knob = "r"
     lrs = (3e-5, 1e-4, 3e-4, 1e-3)  # the factors carry sqrt of W's top singular values (as PiSSA): small steps

@@ -1,10 +1,13 @@
-"""LoRA-GA in PEFT's format. PEFT's LoRA-GA is a LoRA init that rewrites the base weight to
-W - s B0 A0 from a calibration gradient; lora-lite keeps W and saves A0, B0. Export writes
-the rank-2r LoRA delta against the ORIGINAL weight, what PEFT's
-save_pretrained(path_initial_model_for_weight_conversion=...) writes; PEFT's converted file
-imports as plain lora; an unconverted file (init_lora_weights="lora_ga") is refused."""
+"""CorDA and LoRA-GA in PEFT's format. In PEFT both are LoRA inits that rewrite the base
+weight to W - s B0 A0 from calibration data (CorDA: activations; LoRA-GA: a gradient);
+lora-lite keeps W and saves A0, B0. Export writes the rank-2r LoRA delta against the
+ORIGINAL weight, what PEFT's save_pretrained(path_initial_model_for_weight_conversion=...)
+writes; PEFT's converted file imports as plain lora; an unconverted file is refused."""
 
+import dataclasses
 import json
+import sys
+import types
 
 import pytest
 import torch
@@ -17,6 +20,7 @@ peft = pytest.importorskip("peft")
 
 NAMES = ["q_proj", "kv_mix", "down_proj"]
 R, ALPHA = 4, 6
+installed = {v.name for v in ll.list_variants()}
 
 
 def toy():
@@ -24,8 +28,44 @@ def toy():
     return ToyTransformer().eval()
 
 
-@pytest.fixture
-def trained(monkeypatch, tmp_path):
+def _trained_alike(ours, att, pm):
+    """Perturb lora-lite's A, B as training would and give PEFT the same values."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for t in att.targets:
+            mod = pm.get_submodule("base_model.model." + t.name)
+            for mine, peer in ((t.layer.lora_A, mod.lora_A["default"].weight),
+                               (t.layer.lora_B, mod.lora_B["default"].weight)):
+                mine.add_(0.05 * torch.randn(mine.shape, generator=g))
+                peer.copy_(mine)
+    return ours, att, pm
+
+
+def _corda(monkeypatch, tmp_path):
+    """The same trained CorDA adapter in both libraries (PEFT's init, lora-lite's init, both
+    then given lora-lite's perturbed A, B), PEFT's initial adapter saved for its conversion."""
+    try:
+        import attr  # noqa: F401  (PEFT 0.21's corda.py imports attrs, not a PEFT dependency)
+    except ImportError:
+        monkeypatch.setitem(sys.modules, "attr", types.SimpleNamespace(dataclass=dataclasses.dataclass))
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import preprocess_corda
+
+    ours, theirs = toy(), toy()
+    xs = [torch.randn(1, 24, 32, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    pcfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=NAMES, init_lora_weights="corda",
+                           corda_config=CordaConfig(corda_method="kpm"))
+    preprocess_corda(theirs, pcfg, run_model=lambda: [theirs(x) for x in xs])
+    pm = peft.get_peft_model(theirs, pcfg).eval()
+    pm.peft_config["default"].init_lora_weights = True  # PEFT's recipe: the initial adapter as a plain LoRA
+    pm.save_pretrained(str(tmp_path / "initial"))
+    pm.peft_config["default"].init_lora_weights = "corda"
+    att = ll.attach(ours, ll.LoraLiteConfig(variant="corda", r=R, alpha=ALPHA, corda_method="kpm",
+                                            target_names=[rf"\.{n}$" for n in NAMES]), calibration_data=xs)
+    return _trained_alike(ours, att, pm)
+
+
+def _lora_ga(monkeypatch, tmp_path):
     """The same trained LoRA-GA adapter in both libraries (PEFT's init, lora-lite's init, both
     then given lora-lite's perturbed A, B), PEFT's initial adapter saved for its conversion."""
     real = torch.svd_lowrank
@@ -46,15 +86,15 @@ def trained(monkeypatch, tmp_path):
     pm.peft_config["default"].init_lora_weights = "lora_ga"
     att = ll.attach(ours, ll.LoraLiteConfig(variant="lora_ga", r=R, alpha=ALPHA, direction="ArBr", scale="gd_scale",
                                             target_names=[rf"\.{n}$" for n in NAMES]), calibration_data=[x])
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for t in att.targets:
-            mod = pm.get_submodule("base_model.model." + t.name)
-            for mine, peer in ((t.layer.lora_A, mod.lora_A["default"].weight),
-                               (t.layer.lora_B, mod.lora_B["default"].weight)):
-                mine.add_(0.05 * torch.randn(mine.shape, generator=g))
-                peer.copy_(mine)
-    return ours, att, pm
+    return _trained_alike(ours, att, pm)
+
+
+@pytest.fixture(params=["corda", "lora_ga"])
+def trained(request, monkeypatch, tmp_path):
+    if request.param not in installed:
+        pytest.skip(f"{request.param} not installed")
+    return {"corda": _corda, "lora_ga": _lora_ga}[request.param](monkeypatch, tmp_path)
+
 
 
 def out(model, x):
@@ -84,9 +124,10 @@ def test_export_is_peft_converted_lora_onto_the_original_base(tmp_path, trained)
 
 
 def test_peft_converted_file_imports_as_lora(tmp_path, trained):
-    _, _, pm = trained
+    _, att, pm = trained
+    init = att.cfg.variant
     pm.save_pretrained(str(tmp_path / "peft"), path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
-    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["lora_ga_config"]  # PEFT keeps it
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())[f"{init}_config"]  # PEFT keeps it
     model = toy()
     att = ll.import_peft(model, tmp_path / "peft")
     assert att.cfg.variant == "lora" and att.cfg.r == 2 * R
@@ -105,12 +146,13 @@ def test_export_then_import_is_a_lora_of_the_same_function(tmp_path, trained):
 
 
 def test_unconverted_file_is_refused_and_the_model_left_alone(tmp_path, trained):
-    _, _, pm = trained
+    _, att, pm = trained
+    init = att.cfg.variant
     pm.save_pretrained(str(tmp_path / "peft"))
-    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["init_lora_weights"] == "lora_ga"
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["init_lora_weights"] == init
     model = toy()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ll.PeftInteropError, match=r"'lora_ga'.*calibration data.*path_initial_model_for_weight_conversion"):
+    with pytest.raises(ll.PeftInteropError, match=rf"'{init}'.*calibration data.*path_initial_model_for_weight_conversion"):
         ll.import_peft(model, tmp_path / "peft")
     assert ll.attachments(model) == []
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
