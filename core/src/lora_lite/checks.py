@@ -362,9 +362,40 @@ def check_attach_twice_raises(s: Subject) -> dict[str, float]:
     return {}
 
 
+def _hooks_match_merge(att: Attachment, seed: int) -> float:
+    """Per dense linear target (``nn.Linear``, GPT-2's ``Conv1D``): the layer computed through
+    the variant's ``forward_input`` / ``forward`` hooks against ``F.linear`` on the weight and
+    bias its ``merge`` hook returns, on a random input; the max difference relative to the
+    output's scale. This holds whichever way the model runs the layer (a ``merged_forward``
+    variant's layers run on the merged weight, so the model-level comparison alone would not
+    see a wrong ``forward`` hook)."""
+    from .weights import layer_kind
+
+    fwd, fwd_in, merge = (att.variant.hook(h) for h in ("forward", "forward_input", "merge"))
+    g = torch.Generator().manual_seed(seed + 13)
+    worst = 0.0
+    for t, host in zip(att.targets, att.hosts):
+        kind = layer_kind(host)
+        if t.layer is not host or kind is None or kind.name not in ("linear", "conv1d"):
+            continue
+        w, b = kind.read(host), getattr(host, "bias", None)
+        x = torch.randn(3, t.d_in, generator=g).to(w.device, w.dtype)
+        with torch.no_grad():
+            xi = fwd_in(t.layer, x) if fwd_in is not None else x
+            y = torch.nn.functional.linear(xi, w, b)
+            hooked = fwd(t.layer, xi, y) if fwd is not None else y
+            mw, mb = merge(t.layer, w.detach().clone(), None if b is None else b.detach().clone())
+            merged = torch.nn.functional.linear(x, mw.to(w.dtype), None if mb is None else mb.to(w.dtype))
+        scale = max(hooked.abs().max().item(), 1.0)
+        worst = max(worst, (merged.float() - hooked.float()).abs().max().item() / scale)
+    return worst
+
+
 def check_merge_equals_hooked(s: Subject) -> dict[str, float]:
     """For a variant with a ``merge`` hook, on an adapter moved away from the identity:
-    merged outputs equal hooked ones (relative tolerance), the hooks stop contributing,
+    merged outputs equal hooked ones (relative tolerance), on every dense linear target the
+    ``forward``/``forward_input`` hooks equal ``F.linear`` on the merged weight (relative
+    tolerance), the hooks stop contributing,
     ``unmerge`` restores every tensor bit for bit and the hooked outputs exactly, and
     ``merge_and_unload`` leaves no hooks and no ``lora_*`` tensors. A variant without a
     merge hook passes with ``mergeable: 0``."""
@@ -380,12 +411,15 @@ def check_merge_equals_hooked(s: Subject) -> dict[str, float]:
     hooked = s.outputs(model, batch)
     moved = _max_abs(hooked, base)
     assert moved > PERTURB_MIN, f"the perturbed adapter changed nothing ({moved:.3g}): the check would be void"
+    layer_err = _hooks_match_merge(att, s.seed)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     merge(model, **s.merge_options)
     merged = s.outputs(model, batch)
     tol = s.atol(model) * max(hooked.abs().max().item(), 1.0)
     err = _max_abs(merged, hooked)
-    measured = {"mergeable": 1, "merge_err": err}
+    measured = {"mergeable": 1, "merge_err": err, "layer_merge_err": layer_err}
+    _expect(layer_err <= s.atol(model) * 10, f"on one layer, the forward hooks and the merge hook disagree by "
+            f"{layer_err:.3g} (relative)", measured)
     _expect(err <= tol, f"merged outputs differ from hooked ones by {err:.3g} (> {tol:.3g})", measured)
     perturb_adapter(att, s.seed + 12)
     ghost = _max_abs(s.outputs(model, batch), merged)

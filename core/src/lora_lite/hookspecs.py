@@ -20,6 +20,9 @@ Declarations core reads (all optional; see :class:`lora_lite.plugins.VariantInfo
         lrs = (1e-4, 3e-4, 1e-3)      # learning rates a comparison sweeps
         additive = True               # forward is y + delta(x) only (or a function of cfg):
                                       # adapter_batch may mix such attachments per row
+        merged_forward = True         # delta is a dense dW: on nn.Linear / Conv1D core runs
+                                      # F.linear(x, *merge(layer, W, b)), one matmul; needs a
+                                      # differentiable merge (and forward, for other layers)
 
 pluggy does discovery, registration and signature validation. It does NOT dispatch on
 the forward path: at ``attach`` the runtime looks up the configured variant's own

@@ -69,6 +69,13 @@ class VariantInfo:
         an init that rewrites the weight is not) the variant only adds ``delta(x)`` to the base output (a ``forward``
         hook ``y + delta(x)``, no input transform, no rewritten weight): rows of a batch
         may then use different attachments (``lora_lite.adapter_batch``).
+    :param merged_forward: the variant's delta is a dense weight (SHiRA, FourierFT): on a
+        dense linear layer (``nn.Linear``, GPT-2's ``Conv1D``) that carries no other
+        attachment, core runs the layer as ``F.linear(x, *merge(layer, W, b))``, one matmul
+        on the merged weight, instead of the base matmul plus a ``forward`` hook adding
+        ``x dW^T``; elsewhere (quantized layers, stacked attachments, mixed batches) the
+        ``forward`` hook runs. Needs a ``merge`` hook that is differentiable in the adapter
+        tensors and returns the weight in the layer's dtype.
     """
 
     name: str
@@ -83,6 +90,7 @@ class VariantInfo:
     size_knob: str | None = "r"
     lrs: tuple[float, ...] = DEFAULT_LRS
     additive: bool | Callable[[LoraLiteConfig], bool] = False
+    merged_forward: bool = False
 
     def is_additive(self, cfg: LoraLiteConfig) -> bool:
         """Whether an attachment with ``cfg`` only adds ``delta(x)`` (``additive`` may depend on the config)."""
@@ -227,8 +235,11 @@ def _metadata(plugin: Any, name: str, config_class: type[LoraLiteConfig]) -> dic
     additive = getattr(plugin, "additive", False)
     if not isinstance(additive, bool) and not callable(additive):
         raise PluginError(f"variant {name!r}: additive must be True, False or a function of the config, got {additive!r}.")
+    merged_forward = getattr(plugin, "merged_forward", False)
+    if not isinstance(merged_forward, bool):
+        raise PluginError(f"variant {name!r}: merged_forward must be True or False, got {merged_forward!r}.")
     return {"layer_kinds": kinds, "peft": getattr(plugin, "peft", None), "size_knob": size_knob,
-            "lrs": tuple(float(v) for v in lrs), "additive": additive}
+            "lrs": tuple(float(v) for v in lrs), "additive": additive, "merged_forward": merged_forward}
 
 
 def _hooks(plugin: Any, name: str) -> dict[str, Callable[..., Any]]:
@@ -291,6 +302,13 @@ def _register(plugin: Any, *, distribution: str | None, version: str | None, rep
             )
         _unregister(name)
     hooks = _hooks(plugin, name)
+    if meta["merged_forward"] and not {"merge", "forward"} <= set(hooks):
+        _registry.pm.unregister(plugin)
+        raise PluginError(
+            f"variant {name!r} declares merged_forward but lacks a {'merge' if 'merge' not in hooks else 'forward'} "
+            "hook: the merged-weight forward runs `merge`, and `forward` serves the layers it cannot (quantized, "
+            "stacked, mixed batches)."
+        )
     module = plugin.__name__ if inspect.ismodule(plugin) else getattr(plugin, "__module__", "?")
     info = VariantInfo(name, plugin, config_class, distribution, version, module, hooks, **meta)
     _registry.variants[name] = info

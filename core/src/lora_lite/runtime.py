@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import LoraLiteConfig
@@ -42,6 +44,11 @@ _OWNED_PREFIXES = ("lora_", "_lora_lite")
 
 DEFAULT_NAME = "default"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+_MERGED_ATTR = "lora_merged_forward"
+# layer kinds whose forward is F.linear(x, W, b) on the (d_out, d_in) weight their ``read`` gives
+_MERGED_KINDS = ("linear", "conv1d")
 
 
 def _slot_name(name: str) -> str:
@@ -494,10 +501,52 @@ def _check_forward(att: Attachment) -> None:
                 _expect(fwd(t.layer, x, y), y, att.variant, "forward", t)
 
 
+def _merged_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The layer's forward run on the attachment's merged weight (a variant declaring
+    ``merged_forward``): one base op on ``W'`` instead of the base op plus a hook adding
+    ``x dW^T``. Bound to the layer as an instance attribute (a deep copy rebinds it)."""
+    merge, read, name = self.__dict__[_MERGED_ATTR]
+    if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+        _bad_call(name, self, args, kwargs)
+    weight, bias = merge(self, read(self), self.bias)
+    return F.linear(args[0], weight, bias)
+
+
+class _MergedForwardHandle:
+    """Installs :func:`_merged_forward` on a layer; ``remove()`` puts the class's forward
+    back, like a hook handle's (so set_active, merge, adapter_batch and detach treat it
+    as one)."""
+
+    def __init__(self, layer: nn.Module, merge: Any, read: Any, name: str) -> None:
+        self.layer = layer
+        layer.__dict__[_MERGED_ATTR] = (merge, read, name)
+        layer.forward = types.MethodType(_merged_forward, layer)
+
+    def remove(self) -> None:
+        self.layer.__dict__.pop("forward", None)
+        self.layer.__dict__.pop(_MERGED_ATTR, None)
+
+
+def _runs_merged(att: Attachment, t: Target, host: nn.Module) -> Any:
+    """The layer kind to run ``t`` through :func:`_merged_forward`, or None: the variant
+    declares ``merged_forward``, the target is the layer itself (not a stacked slot), the
+    kind is a dense linear (nn.Linear, GPT-2's Conv1D: ``read`` gives the ``(d_out, d_in)``
+    weight) and nothing else replaced the layer's forward."""
+    if not att.variant.merged_forward or t.layer is not host or "forward" in host.__dict__:
+        return None
+    kind = layer_kind(host)
+    return kind if kind is not None and kind.name in _MERGED_KINDS else None
+
+
 def _register_hooks(att: Attachment) -> None:
-    """The forward pre-/post-hooks that make the attachment act (at attach, and at unmerge)."""
+    """The forward pre-/post-hooks that make the attachment act (at attach, and at unmerge);
+    for a ``merged_forward`` variant on a dense linear layer, the merged-weight forward."""
     fwd, fwd_in = att.variant.hook("forward"), att.variant.hook("forward_input")
     for t, host in zip(att.targets, att.hosts):
+        kind = _runs_merged(att, t, host)
+        if kind is not None:
+            att.hook_handles.append(_MergedForwardHandle(host, att.variant.hook("merge"), kind.read, t.name))
+            continue
         holder = None if t.layer is host else t.layer
         if fwd_in is not None:
             pre = _make_pre_hook(fwd_in, t.name, holder)
