@@ -20,7 +20,12 @@ tokens: 103 vs 143 ms; d=1024, b=32: 99 vs 120 ms; d=2048, b=256, 512 tokens: de
 133 ms. Dense wins once a call has about as many tokens as the layer is wide (training
 batches), FFT on short calls over wide layers (decoding). Dense also keeps the activations in
 their own dtype (``torch.fft`` has no bf16 on CPU; PEFT casts the activations to fp32) and
-shares its code with ``merge``. Not measured on GPU.
+shares its code with ``merge``. Not measured on GPU. With the dense form the layer is best run
+as ONE matmul on ``W + C(w) / d_in`` (``merged_forward``: core does so on ``nn.Linear`` and
+``Conv1D``; the ``forward`` hook, a second matmul after the base's, serves quantized layers,
+stacked attachments and mixed batches). The price of the dense form is memory: the
+weight-sized ``W'`` is saved for backward, where PEFT's FFT saves ``x`` and the kernel (bench,
+small shape, all linears: peak training memory 1.29x PEFT's, 1.04x on q/v).
 
 Identity at init: the kernel is zeros (PEFT's ``init_weights=True``; PEFT's *default* is
 ``"xavier_uniform"``, which is not the identity), so the update is exactly zero; the update
@@ -103,6 +108,7 @@ class C3A:
     name = "c3a"
     config_class = C3AConfig
     additive = True  # y + delta(x)
+    merged_forward = True  # dense C(w): one matmul on W + C(w) / d_in, not the base matmul plus a second one
     size_knob = None  # the trainable count d_in d_out / block_size falls as block_size grows
     lrs = (1e-2, 3e-2, 1e-1, 3e-1)  # the update is scaled by 1 / d_in: the kernel needs large steps
     # PEFT's C3A: the same kernel layout, one block size for every layer
