@@ -97,7 +97,7 @@ def _delta(layer, d_out: int, d_in: int, dtype: torch.dtype) -> torch.Tensor:
     # the scale goes on the n coefficients, not on the d_out x d_in result (the ifft is linear)
     spectrum = torch.mul(spectrum, layer.lora_cfg.scaling)
     dense = spectrum.new_zeros(d_out * d_in).index_put((layer.lora_index,), spectrum)
-    return torch.fft.ifft2(dense.view(d_out, d_in)).real
+    return torch.fft.ifft2(dense.view(d_out, d_in)).real.contiguous()
 
 
 def _delta_as(layer, d_out: int, d_in: int, dtype: torch.dtype) -> torch.Tensor:
