@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import LoraLiteConfig
 from .errors import TargetingError
-from .weights import _HOST_ATTR, features, host_layer, is_linear_like, layer_kind
+from .weights import _HOST_ATTR, features, host_layer, is_linear_like, layer_kind, looks_linear
 
 _BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layers|h|layer|block|blocks)\.(\d+)(?:\.|$)")
 
@@ -99,7 +99,7 @@ def _classified(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tup
         kind = layer_kind(m)
         if kind is not None and kind.by_name_only:
             named_only.append((name, m, kind))
-        elif kind is not None or is_linear_like(m):
+        elif kind is not None or looks_linear(m):
             linears.append((name, m))
     return linears, named_only
 

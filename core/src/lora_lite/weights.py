@@ -411,6 +411,12 @@ def is_linear_like(layer: nn.Module) -> bool:
     kind = layer_kind(layer)
     if kind is not None:
         return not kind.by_name_only
+    return looks_linear(layer)
+
+
+def looks_linear(layer: nn.Module) -> bool:
+    """The structural half of :func:`is_linear_like`: integer ``in_features`` and
+    ``out_features`` and a ``weight``."""
     return (
         isinstance(_peek(layer, "in_features"), int)
         and isinstance(_peek(layer, "out_features"), int)
