@@ -87,11 +87,13 @@ def _check_mergeable(atts: list[Attachment], dequantize: bool, requantize: bool)
                 )
 
 
-def _merged(att: Attachment, layer: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The variant's merged (weight, bias) for one target, in float32, checked."""
-    weight = dense_weight(layer).detach().to(torch.float32, copy=True)
+def _merged(att: Attachment, layer: nn.Module, name: str, copy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The variant's merged (weight, bias) for one target, in float32, checked. ``copy``:
+    the hook gets copies (a hook that writes into its arguments cannot touch the weights
+    unmerge puts back); merge_and_unload, which puts nothing back, skips them."""
+    weight = dense_weight(layer).detach().to(torch.float32, copy=copy)
     bias = getattr(layer, "bias", None)
-    bias = None if bias is None else bias.detach().to(torch.float32, copy=True)
+    bias = None if bias is None else bias.detach().to(torch.float32, copy=copy)
     with torch.no_grad():
         got = att.variant.hook("merge")(layer, weight, bias)
     if not (isinstance(got, tuple) and len(got) == 2 and isinstance(got[0], torch.Tensor)
@@ -133,20 +135,26 @@ def merge(model: nn.Module, *, dequantize: bool = False, requantize: bool = Fals
         difference between the stored (requantized) and the exact merged weight, relative
         to the merged weight's max abs value. Empty otherwise.
     """
+    return _merge(model, dequantize, requantize, unload=False)
+
+
+def _merge(model: nn.Module, dequantize: bool, requantize: bool, unload: bool) -> dict[str, float]:
+    """``merge``; with ``unload`` (merge_and_unload) without what only unmerge and a save
+    while merged need: the base fingerprint and the defensive copies of the weights."""
     state = _state(model)
     if state.merged:
         raise MergeError("the model's adapters are already merged; lora_lite.unmerge(model) first to merge again.")
     active = [a for a in state.attachments if a.active]
     _check_mergeable(active, dequantize, requantize)
     _check_untied(model, active)
-    for att in active:
+    for att in active if not unload else ():
         att.fingerprint  # noqa: B018  (taken now, from the weights as they were: save while merged stays valid)
     errors: dict[str, float] = {}
     done: list[nn.Module] = []
     try:
         for att in active:  # in attach order: a stacked attachment merges onto the ones below it
             for t, host in zip(att.targets, att.hosts):
-                weight, bias = _merged(att, t.layer, t.name)
+                weight, bias = _merged(att, t.layer, t.name, copy=not unload)
                 kind = layer_kind(host)
                 undos = t.layer.__dict__.setdefault(_MERGE_UNDO, [])
                 done.append(t.layer)
@@ -197,7 +205,7 @@ def merge_and_unload(model: nn.Module, *, dequantize: bool = False, requantize: 
     attach. Returns ``model``, now a plain model with the adapted weights."""
     state = _state(model)
     if not state.merged:
-        merge(model, dequantize=dequantize, requantize=requantize)
+        _merge(model, dequantize, requantize, unload=True)
     for att in state.attachments:
         _undo(att, restore_weights=False)  # also drops the merge undos and a rewritten weight's record
     _restore_requires_grad(model, state.requires_grad)
