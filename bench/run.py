@@ -598,8 +598,10 @@ def markdown(res: dict) -> str:
         pb = {k: v / 2**20 for k, v in r["peak_bytes"].items()}
         delta = adapter_cost(r["peak_bytes"])
         t = TARGETS["memory_delta"] if r["variant"] == "lora" else 1.0
+        # PEFT's peak at or below the base's (its adapter adds nothing at the peak): no delta to compare
+        mark = f"<= {t} {_mark(delta, t)}" if delta == delta else "n/a"
         out.append(f"| {r['shape']} | {r['targets']} | {r['variant']} | {pb['base']:.1f} | {pb['peft']:.1f} | "
-                   f"{pb['lite']:.1f} | {r['lite_over_peft']:.3f} | {delta:.3f} | <= {t} {_mark(delta, t)} |")
+                   f"{pb['lite']:.1f} | {r['lite_over_peft']:.3f} | {delta:.3f} | {mark} |")
     if res.get("merge"):
         out += ["", "## Merge (all linears): merge_and_unload time, merged inference forward", "",
                 "A merged model is a plain model: its forward should cost the base's (ratio 1 within noise).", "",
