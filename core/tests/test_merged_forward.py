@@ -165,3 +165,17 @@ def test_the_contract_checks_the_forward_hook_against_merge():
         assert checks.check_merge_equals_hooked(kit.subject())["layer_merge_err"] <= 1e-6
     finally:
         ll.unregister("t_liar")
+
+
+def test_compiles_with_fullgraph():
+    """dynamo traces the instance forward (one graph, no break) and computes the same."""
+    model, x = _model(), _x()
+    att = ll.attach(model, _cfg())
+    checks.perturb_adapter(att, 0)
+    with torch.no_grad():
+        eager = model(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), eager, rtol=0, atol=1e-6)
+    torch._dynamo.reset()
