@@ -384,8 +384,9 @@ def _hooks_match_merge(att: Attachment, seed: int) -> float:
             xi = fwd_in(t.layer, x) if fwd_in is not None else x
             y = torch.nn.functional.linear(xi, w, b)
             hooked = fwd(t.layer, xi, y) if fwd is not None else y
-            mw, mb = merge(t.layer, w.detach().clone(), None if b is None else b.detach().clone())
-            merged = torch.nn.functional.linear(x, mw.to(w.dtype), None if mb is None else mb.to(w.dtype))
+            # merge takes and returns float32 (as ll.merge calls it); the hooks run in the layer's dtype
+            mw, mb = merge(t.layer, w.detach().float(), None if b is None else b.detach().float())
+            merged = torch.nn.functional.linear(x.float(), mw.float(), None if mb is None else mb.float())
         scale = max(hooked.abs().max().item(), 1.0)
         worst = max(worst, (merged.float() - hooked.float()).abs().max().item() / scale)
     return worst
