@@ -73,7 +73,9 @@ def test_fusion_lever_computes_the_same_function():
     """bench/levers.py's sibling-fusion experiment: the fused and unfused LoRA models must
     compute the same function for the timing comparison to mean anything."""
     pytest.importorskip("transformers")
-    from bench.levers import bench_fusion
-
-    out = bench_fusion("tiny", repeats=1)
+    script = ("import json; from bench.levers import bench_fusion; "
+              "print('RESULT' + json.dumps(bench_fusion('tiny', repeats=1)))")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
     assert out["same_function"] and out["fused_over_unfused"] > 0
