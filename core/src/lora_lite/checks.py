@@ -369,6 +369,7 @@ def _hooks_match_merge(att: Attachment, seed: int) -> float:
     output's scale. This holds whichever way the model runs the layer (a ``merged_forward``
     variant's layers run on the merged weight, so the model-level comparison alone would not
     see a wrong ``forward`` hook)."""
+    from .runtime import _MERGED_KINDS
     from .weights import layer_kind
 
     fwd, fwd_in, merge = (att.variant.hook(h) for h in ("forward", "forward_input", "merge"))
@@ -376,7 +377,7 @@ def _hooks_match_merge(att: Attachment, seed: int) -> float:
     worst = 0.0
     for t, host in zip(att.targets, att.hosts):
         kind = layer_kind(host)
-        if t.layer is not host or kind is None or kind.name not in ("linear", "conv1d"):
+        if t.layer is not host or kind is None or kind.name not in _MERGED_KINDS:
             continue
         w, b = kind.read(host), getattr(host, "bias", None)
         x = torch.randn(3, t.d_in, generator=g).to(w.device, w.dtype)

@@ -87,7 +87,9 @@ def _check_mergeable(atts: list[Attachment], dequantize: bool, requantize: bool)
                 )
 
 
-def _merged(att: Attachment, layer: nn.Module, name: str, copy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _merged(
+    att: Attachment, layer: nn.Module, name: str, copy: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The variant's merged (weight, bias) for one target, in float32, checked. ``copy``:
     the hook gets copies (a hook that writes into its arguments cannot touch the weights
     unmerge puts back); merge_and_unload, which puts nothing back, skips them."""

@@ -70,7 +70,7 @@ class VariantInfo:
         hook ``y + delta(x)``, no input transform, no rewritten weight): rows of a batch
         may then use different attachments (``lora_lite.adapter_batch``).
     :param merged_forward: the variant's delta is a dense weight (SHiRA, FourierFT): on a
-        dense linear layer (``nn.Linear``, GPT-2's ``Conv1D``) that carries no other
+        dense linear layer (``nn.Linear``, GPT-2's ``Conv1D``) where it is the first
         attachment, core runs the layer as ``F.linear(x, *merge(layer, W, b))``, one matmul
         on the merged weight, instead of the base matmul plus a ``forward`` hook adding
         ``x dW^T``; elsewhere (quantized layers, stacked attachments, mixed batches) the

@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import LoraLiteConfig
 from .errors import TargetingError
-from .weights import _HOST_ATTR, features, host_layer, is_linear_like, layer_kind, looks_linear
+from .weights import _HOST_ATTR, features, host_layer, layer_kind, looks_linear
 
 _BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layers|h|layer|block|blocks)\.(\d+)(?:\.|$)")
 
@@ -86,7 +86,7 @@ def roles_of(d_in: int, d_out: int, d_model: int) -> frozenset[str]:
 
 
 def linear_like_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(name, m) for name, m in model.named_modules() if name and is_linear_like(m)]
+    return _classified(model)[0]
 
 
 def _classified(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module, Any]]]:

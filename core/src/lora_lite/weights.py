@@ -213,8 +213,9 @@ def _bnb_class(name: str) -> type | None:
 
 
 def _is_bnb(layer: nn.Module, layer_cls: str, param_cls: str) -> bool:
-    cls = _bnb_class(layer_cls)
-    return cls is not None and isinstance(layer, cls) and isinstance(getattr(layer, "weight", None), _bnb_class(param_cls))
+    cls = _bnb_class(layer_cls)  # the param class is looked up only for a layer of the bnb class
+    return (cls is not None and isinstance(layer, cls)
+            and isinstance(getattr(layer, "weight", None), _bnb_class(param_cls)))
 
 
 def _bnb_error(layer: nn.Module, what: str) -> WeightAccessError:

@@ -30,9 +30,10 @@ layers of at most 256 x 256 weights and otherwise the form with fewer multiply-a
 token (the dense one then wins only when a width is prime or tiny). Measured on one CPU
 thread, train step of one d x d layer on 512 tokens (factorised / dense): d=64 0.56 / 0.35
 ms, 192 1.30 / 1.22, 512 4.2 / 6.1, 1024 12.4 / 26.7, 2048 40 / 104: below ~256 the few
-extra small matmuls of the factorised form cost more than they save. At d = 4096 (64 x 64) the factorised form is 32x fewer multiply-adds and
-backward keeps ``m k`` numbers per token instead of a d x d weight gradient. Both forms
-compute the same function (tested to float rounding).
+extra small matmuls of the factorised form cost more than they save. At d = 4096 (64 x 64)
+the factorised form is 32x fewer multiply-adds and backward keeps ``m k`` numbers per token
+instead of a d x d weight gradient. Both forms compute the same function (tested to float
+rounding).
 
 Layers: LoKr never reads the base weight, so every linear-like layer (``nn.Linear``,
 GPT-2 ``Conv1D``, bitsandbytes 4/8-bit) works as it is.

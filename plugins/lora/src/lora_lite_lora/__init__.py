@@ -288,10 +288,7 @@ class LoRA:
         # the factors straight from _parameters: nn.Module.__getattr__ costs ~0.6 us per tensor, a
         # tenth of a one-token call's adapter overhead (FSDP2 swaps its unsharded tensors in there too)
         p = d["_parameters"]
-        a, b = p["lora_A"], p["lora_B"]
-        if a.dtype is not x.dtype:
-            return low_rank_update(x, a, b, d["lora_scaling"], y)
-        return torch.add(y, F.linear(F.linear(x, a), b), alpha=d["lora_scaling"])
+        return low_rank_update(x, p["lora_A"], p["lora_B"], d["lora_scaling"], y)
 
     def merge(layer, weight, bias):
         # W' = W + s B A on the (d_out, d_in) weight view (a conv's kernels flattened, an embedding's table^T);

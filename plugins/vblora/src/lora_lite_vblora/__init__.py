@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora_lite as ll
-from lora_lite.functional import low_rank_update, offset_low_rank_update
+from lora_lite.functional import low_rank_update, offset_low_rank_merge, offset_low_rank_update
 
 
 @dataclass
@@ -206,7 +206,6 @@ class VBLoRA:
 
     def merge(layer, weight, bias):
         a, b = factors(layer, *weight.shape)
-        delta = b.to(weight) @ a.to(weight)
         if layer.lora_cfg.subtract_init:
-            delta = delta - layer.lora_B0.to(weight) @ layer.lora_A0.to(weight)
-        return weight + delta, bias
+            return offset_low_rank_merge(weight, a, b, layer.lora_A0, layer.lora_B0, 1.0).to(weight), bias
+        return torch.addmm(weight, b.to(weight), a.to(weight)), bias
